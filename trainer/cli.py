@@ -25,5 +25,71 @@ def cli(local_rank):
 # ---- commands are registered below, one block each -------------------------------------------
 
 
+def _given(**options) -> dict:
+    """Only the options the user actually passed, so YAML values are not overwritten by defaults."""
+    return {k: v for k, v in options.items() if v is not None and v != ()}
+
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config; flags override it.")
+@click.option("--model", help="Model preset (gpt2, gpt2-medium, gpt25, tiny, ...). [default: gpt2-mini]")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
+@click.option("--data", type=click.Path(), help="Dataset dir from tools/convert_shards.py. [default: the pydoc demo data]")
+@click.option("--tokenizer", help="Tokenizer for the demo data only (gpt2, bytes, hf:PATH, sp:PATH).")
+@click.option("--out", help="Run directory. [default: runs/demo]")
+@click.option("--ds-config", help="DeepSpeed JSON (path or name in ds_configs/), or auto. [default: auto]")
+@click.option("--init-from", help="Start from a consolidated model dir, HF model dir or hub name.")
+@click.option("--seq-len", type=int, help="Sequence length. [default: the model's block_size]")
+@click.option("--micro-batch", type=int, help="Sequences per rank per forward pass. [default: 8]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: from the global batch, else 1]")
+@click.option("--global-batch", type=int, help="Sequences per optimizer step over all ranks.")
+@click.option("--global-batch-tokens", type=int, help="Tokens per optimizer step over all ranks.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--max-tokens", type=int, help="Stop after this many training tokens.")
+@click.option("--epochs", type=float, help="Stop after this many passes over the training shards. [default: 1]")
+@click.option("--max-time", help="Wall-clock budget, e.g. 24h or 90m: save and stop before it ends.")
+@click.option("--lr", type=float, help="Peak learning rate. [default: 6e-4]")
+@click.option("--min-lr", type=float, help="Final learning rate. [default: 6e-5]")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps. [default: 100]")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant", "wsd"]), help="LR schedule. [default: cosine]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay on 2-D weights. [default: 0.1]")
+@click.option("--beta1", type=float, help="Adam beta1. [default: 0.9]")
+@click.option("--beta2", type=float, help="Adam beta2. [default: 0.95]")
+@click.option("--eps", type=float, help="Adam epsilon. [default: 1e-8]")
+@click.option("--grad-clip", type=float, help="Clip the global gradient norm (0 = off). [default: 1.0]")
+@click.option("--seed", type=int, help="Seed for weights and data order. [default: 1337]")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+              help="Recompute block activations in backward to save memory. [default: off]")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model. [default: off]")
+@click.option("--max-skips", type=int, help="Stop after this many consecutive non-finite steps. [default: 10]")
+@click.option("--eval-every", type=int, help="Validation loss every N steps (0 = only at the end). [default: 250]")
+@click.option("--eval-batches", type=int, help="Validation batches per evaluation. [default: 20]")
+@click.option("--save-every", type=int, help="Checkpoint every N steps (and always at the end). [default: 1000]")
+@click.option("--keep-last", type=int, help="Keep only the newest K complete checkpoints (0 = all). [default: 3]")
+@click.option("--log-every", type=int, help="Log metrics every N steps. [default: 10]")
+@click.option("--resume", help="auto (newest complete checkpoint in --out), never, or a checkpoint PATH. [default: auto]")
+@click.option("--hellaswag-every", type=int, help="Run HellaSwag every N steps (needs --hellaswag-jsonl).")
+@click.option("--hellaswag-jsonl", type=click.Path(), help="HellaSwag validation jsonl for --hellaswag-every.")
+@click.option("--wandb-project", help="Also log to Weights & Biases (WANDB_MODE=offline works without network).")
+@click.option("--tracking/--no-tracking", default=None, help="TensorBoard / W&B logging. [default: on]")
+@click.option("--json", "json_output", is_flag=True, help="Print the final result as one JSON line.")
+def pretrain(config_file, set_, compile_, json_output, **options):
+    """Pretrain a GPT-2 / GPT-2.5 model with DeepSpeed.
+
+    With no options: the offline demo (pydoc corpus, gpt2-mini, ZeRO-2), a few minutes on a CPU.
+    Launch on GPUs with `deepspeed --num_gpus N --module trainer.cli pretrain ...`,
+    `torchrun --nproc_per_node N -m trainer.cli pretrain ...`, or plain `python -m trainer.cli pretrain`.
+    """
+    from trainer import config as train_config
+    from trainer import pretrain as pretrain_module
+
+    flags = _given(**options, compile=compile_)
+    if set_:
+        flags["model_overrides"] = train_config.parse_set(set_)
+    cfg = train_config.resolve(config_file, flags)
+    pretrain_module.run(cfg, json_output=json_output)
+
+
+
 if __name__ == "__main__":
     cli()
