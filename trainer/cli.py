@@ -81,12 +81,13 @@ def pretrain(config_file, set_, compile_, json_output, **options):
     `torchrun --nproc_per_node N -m trainer.cli pretrain ...`, or plain `python -m trainer.cli pretrain`.
     """
     from trainer import config as train_config
-    from trainer import pretrain as pretrain_module
 
     flags = _given(**options, compile=compile_)
     if set_:
         flags["model_overrides"] = train_config.parse_set(set_)
     cfg = train_config.resolve(config_file, flags)
+    from trainer import pretrain as pretrain_module  # heavy imports only once the options are valid
+
     pretrain_module.run(cfg, json_output=json_output)
 
 
