@@ -16,6 +16,10 @@ from trainer.errors import UserError
 
 DEMO_MODEL = "gpt2-mini"
 DEMO_OUT = "runs/demo"
+# When no --data is given the run is the offline demo: a few minutes on a 2-core CPU with the loss
+# falling clearly. Only options the user did not set take these values.
+DEMO_DEFAULTS = dict(max_steps=300, micro_batch=8, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=30,
+                     eval_every=100, eval_batches=8, save_every=100, log_every=10)
 
 
 @dataclass
@@ -100,6 +104,8 @@ def resolve(yaml_path: Optional[str], flags: dict) -> TrainConfig:
     overrides.update(flags.pop("model_overrides", {}) or {})
     values.update(flags)
     values["model_overrides"] = overrides
+    if values.get("data") is None:
+        values = {**DEMO_DEFAULTS, **values}
     config = TrainConfig.from_dict(values)
     validate(config)
     return config
