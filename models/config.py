@@ -1,0 +1,119 @@
+"""ModelConfig and the preset registry: one dataclass describes GPT-2 and GPT-2.5 alike.
+
+Field names follow GPT-2 / nanoGPT (block_size, vocab_size, n_layer, n_head, n_embd, dropout,
+bias); the switches norm / mlp / pos_emb turn the classic block into the GPT-2.5 (Llama-style)
+block. `get_config(name, **overrides)` validates names and fields and says which are valid.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POS_EMBS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    pos_emb: str = "learned"
+    rotary_dim: int = 0              # rotary on the first rotary_dim dims of each head (0 = off, learned pos only)
+    tie_embeddings: bool = True
+    ffn_hidden: Optional[int] = None  # default 4*n_embd (gelu) or Llama's 8/3*n_embd rounded to 256 (swiglu)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    padded_vocab_size: Optional[int] = None  # embedding/head rows, >= vocab_size (e.g. 50304); logits stay vocab_size
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        check(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        check(self.mlp in MLPS, f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        check(self.pos_emb in POS_EMBS, f"pos_emb must be one of {', '.join(POS_EMBS)}, got {self.pos_emb!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb == "rope" and not self.rotary_dim:
+            self.rotary_dim = self.head_dim
+        check(self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.head_dim,
+              f"rotary_dim must be even and at most the head dim {self.head_dim}, got {self.rotary_dim}")
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        check(self.padded_vocab_size >= self.vocab_size,
+              f"padded_vocab_size {self.padded_vocab_size} is smaller than vocab_size {self.vocab_size}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else _llama_hidden(self.n_embd)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def llama_layout(self) -> bool:
+        """SwiGLU models use Llama's module names (q/k/v/o_proj, gate/up/down_proj, model.layers.N);
+        GELU models use GPT-2's (c_attn, c_fc, transformer.h.N), so each family maps key-for-key to HF."""
+        return self.mlp == "swiglu"
+
+
+def _llama_hidden(n_embd: int, multiple_of: int = 256) -> int:
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _gpt2(**kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+def _gpt25(**kw) -> ModelConfig:
+    # GPT-2.5: the Llama block (RMSNorm, SwiGLU, RoPE, no biases) at GPT-2 sizes.
+    return ModelConfig(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, norm_eps=1e-5, **kw)
+
+
+PRESETS = {
+    "gpt2": _gpt2(n_layer=12, n_head=12, n_embd=768),            # 124,439,808 params
+    "gpt2-medium": _gpt2(n_layer=24, n_head=16, n_embd=1024),    # 354,823,168
+    "gpt2-large": _gpt2(n_layer=36, n_head=20, n_embd=1280),     # 774,030,080
+    "gpt2-xl": _gpt2(n_layer=48, n_head=25, n_embd=1600),        # 1,557,611,200
+    "gpt25": _gpt25(n_layer=12, n_head=12, n_embd=768),          # 123,551,232 (SwiGLU hidden 2048)
+    "gpt25-medium": _gpt25(n_layer=24, n_head=16, n_embd=1024),  # 359,794,688 (hidden 2816)
+    "gpt25-large": _gpt25(n_layer=36, n_head=20, n_embd=1280),   # 795,804,160 (hidden 3584)
+    "gpt2-mini": _gpt2(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2 vocab padded to 50304
+    "tiny": _gpt2(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),  # 136,960
+}
+
+
+def list_configs() -> list[str]:
+    return list(PRESETS)
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name with fields overridden; unknown names or fields list the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+    base = dataclasses.asdict(PRESETS[name])
+    # Derived defaults must be recomputed when the fields they derive from change.
+    if "n_embd" in overrides or "mlp" in overrides:
+        base["ffn_hidden"] = None
+    if "vocab_size" in overrides:
+        base["padded_vocab_size"] = None
+    if "n_head" in overrides or "n_embd" in overrides:
+        base["rotary_dim"] = 0 if base["pos_emb"] == "rope" else base["rotary_dim"]
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,203 @@
+"""GPT: one model for GPT-2 and GPT-2.5; components are picked from the ModelConfig.
+
+    logits = model(idx)                       # (B, T, vocab_size); padded vocab rows never returned
+    cache = model.new_kv_cache(batch_size, max_len)
+    logits = model(prompt, kv_cache=cache)    # fills the cache, positions 0..T-1
+    logits = model(next_token, kv_cache=cache)  # one step at position cache.length
+
+State-dict keys follow Hugging Face naming: GPT-2 models use GPT2LMHeadModel's keys
+(transformer.wte, transformer.h.N.attn.c_attn, ...), GPT-2.5 models use LlamaForCausalLM's
+(model.embed_tokens, model.layers.N.self_attn.q_proj, ...), so `models.hf` is a key-for-key copy.
+"""
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ModelConfig
+from models.layers import MLP, CausalSelfAttention, SwiGLU, make_norm, rope_cache
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device, dtype):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0      # tokens already stored (committed after the whole forward)
+        self.max_len = max_len
+        self._layer = 0
+
+    def layer(self, i):
+        self._layer = i
+        return self
+
+    def update(self, k, v):
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
+        self.keys[self._layer][:, :, self.length:end] = k
+        self.values[self._layer][:, :, self.length:end] = v
+        return self.keys[self._layer][:, :, :end], self.values[self._layer][:, :, :end]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.llama_layout:  # GPT-2.5: Llama names for the same pre-norm block
+            self.input_layernorm = make_norm(config)
+            self.self_attn = CausalSelfAttention(config)
+            self.post_attention_layernorm = make_norm(config)
+            self.mlp = SwiGLU(config)
+        else:
+            self.ln_1 = make_norm(config)
+            self.attn = CausalSelfAttention(config)
+            self.ln_2 = make_norm(config)
+            self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.llama_layout = config.llama_layout
+
+    def forward(self, x, rope=None, kv_cache=None):
+        if self.llama_layout:
+            norm1, attn, norm2 = self.input_layernorm, self.self_attn, self.post_attention_layernorm
+        else:
+            norm1, attn, norm2 = self.ln_1, self.attn, self.ln_2
+        x = x + self.resid_dropout(attn(norm1(x), rope, kv_cache))
+        return x + self.resid_dropout(self.mlp(norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.llama_layout:  # GPT-2.5: LlamaForCausalLM layout (no learned positions)
+            self.model = nn.Module()
+            self.model.embed_tokens = nn.Embedding(c.padded_vocab_size, c.n_embd)
+            self.model.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+            self.model.norm = make_norm(c)
+            if c.pos_emb == "learned":
+                self.model.wpe = nn.Embedding(c.block_size, c.n_embd)
+        else:
+            self.transformer = nn.Module()
+            self.transformer.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
+            if c.pos_emb == "learned":
+                self.transformer.wpe = nn.Embedding(c.block_size, c.n_embd)
+            self.transformer.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+            self.transformer.ln_f = make_norm(c)
+        self.drop = nn.Dropout(c.dropout)
+        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if c.rotary_dim:
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.activation_checkpointing = c.activation_checkpointing
+        self.reset_parameters()
+        self.refresh_buffers()
+
+    def refresh_buffers(self):
+        """(Re)compute the RoPE tables in fp32 on the weights' device (also after a meta-device build)."""
+        if self.config.rotary_dim:
+            device = self.wte.weight.device
+            device = None if device.type == "meta" else device
+            self.rope_cos, self.rope_sin = rope_cache(self.config.rotary_dim, self.config.block_size,
+                                                      self.config.rope_theta, device)
+
+    # -- structure helpers shared by both layouts --------------------------------------------------
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.model.embed_tokens if self.config.llama_layout else self.transformer.wte
+
+    @property
+    def wpe(self):
+        owner = self.model if self.config.llama_layout else self.transformer
+        return getattr(owner, "wpe", None)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers if self.config.llama_layout else self.transformer.h
+
+    @property
+    def norm_f(self) -> nn.Module:
+        return self.model.norm if self.config.llama_layout else self.transformer.ln_f
+
+    # -- initialisation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer),
+        zero biases, unit norm gains. The tied head shares the embedding, so it is initialised once."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            for proj in (block.self_attn if self.config.llama_layout else block.attn).out_proj(), block.mlp.out_proj():
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.activation_checkpointing = bool(enabled)
+
+    # -- counting ----------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, each shared (tied) tensor counted once. non_embedding drops token and position
+        embeddings (the PaLM / nanoGPT convention for FLOPs; a tied head is then not counted either)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates tied weights
+        if non_embedding:
+            total -= self.wte.weight.numel()
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T.
+
+        N = non-embedding parameters plus the LM head matmul (vocab x n_embd, it is a real matmul
+        per token even when tied); L layers, H heads, Q head dim, T sequence length (attention
+        scores and the weighted sum of values).
+        """
+        c = self.config
+        n = self.num_params(non_embedding=True) + c.padded_vocab_size * c.n_embd
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    # -- forward -----------------------------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_len=None, device=None, dtype=None) -> KVCache:
+        c = self.config
+        weight = self.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim,
+                       device or weight.device, dtype or weight.dtype)
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache = None) -> torch.Tensor:
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        rope = None
+        if self.config.rotary_dim:
+            rope = (self.rope_cos[start:start + T].float(), self.rope_sin[start:start + T].float())
+        for i, block in enumerate(self.blocks):
+            cache = kv_cache.layer(i) if kv_cache is not None else None
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(self.norm_f(x))
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        return logits

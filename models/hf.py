@@ -1,0 +1,137 @@
+"""Conversion to and from Hugging Face `transformers`: pure state-dict key maps plus thin helpers.
+
+Classic GPT-2 <-> GPT2LMHeadModel: same key names; HF stores its Conv1D weights as (in, out), so
+the four projection matrices are transposed. GPT-2.5 <-> LlamaForCausalLM: identical key names
+and layouts (rotate-half RoPE on both sides, so q/k need no permutation). Padded vocabulary rows
+are dropped on export and re-created (zeros) on import. Switch combinations neither HF class can
+express are refused with the field that prevents it. transformers is imported lazily so that
+`import models` needs torch only.
+"""
+import torch
+
+from models.config import ModelConfig
+from models.gpt import GPT
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_family(config: ModelConfig) -> str:
+    """'gpt2' or 'llama', or ValueError naming what neither HF class can express."""
+    gpt2 = dict(norm="layernorm", mlp="gelu", pos_emb="learned", rotary_dim=0, bias=True)
+    llama = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", rotary_dim=config.head_dim)
+    for family, wanted in (("gpt2", gpt2), ("llama", llama)):
+        if all(getattr(config, k) == v for k, v in wanted.items()):
+            return family
+    target, wanted = ("GPT2LMHeadModel", gpt2) if not config.llama_layout else ("LlamaForCausalLM", llama)
+    bad = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(config, k) != v]
+    raise ValueError(f"this model cannot be exported to Hugging Face {target}: {', '.join(bad)}")
+
+
+def hf_config(config: ModelConfig):
+    """The transformers config that describes the same network."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if hf_family(config) == "gpt2":
+        return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                          n_layer=config.n_layer, n_head=config.n_head, n_inner=config.ffn_hidden,
+                          activation_function="gelu_new", resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                          attn_pdrop=config.dropout, layer_norm_epsilon=config.norm_eps,
+                          tie_word_embeddings=config.tie_embeddings, architectures=["GPT2LMHeadModel"],
+                          bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.ffn_hidden,
+                       num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                       num_key_value_heads=config.n_head, head_dim=config.head_dim, hidden_act="silu",
+                       max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                       tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
+                       attention_dropout=config.dropout, architectures=["LlamaForCausalLM"],
+                       bos_token_id=None, eos_token_id=config.vocab_size - 1)
+
+
+def config_from_hf(hf_cfg, **overrides) -> ModelConfig:
+    """Our ModelConfig for a GPT2Config or LlamaConfig (other architectures: ValueError)."""
+    kind = getattr(hf_cfg, "model_type", None)
+    tie = bool(getattr(hf_cfg, "tie_word_embeddings", True))
+    if kind == "gpt2":
+        values = dict(block_size=hf_cfg.n_positions, vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.n_layer,
+                      n_head=hf_cfg.n_head, n_embd=hf_cfg.n_embd, ffn_hidden=hf_cfg.n_inner or 4 * hf_cfg.n_embd,
+                      norm_eps=hf_cfg.layer_norm_epsilon, tie_embeddings=tie, dropout=0.0)
+    elif kind == "llama":
+        if (hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads) != hf_cfg.num_attention_heads:
+            raise ValueError("grouped-query attention (num_key_value_heads < num_attention_heads) is not supported")
+        rope = getattr(hf_cfg, "rope_parameters", None) or {}
+        values = dict(block_size=hf_cfg.max_position_embeddings, vocab_size=hf_cfg.vocab_size,
+                      n_layer=hf_cfg.num_hidden_layers, n_head=hf_cfg.num_attention_heads, n_embd=hf_cfg.hidden_size,
+                      ffn_hidden=hf_cfg.intermediate_size, norm="rmsnorm", mlp="swiglu", pos_emb="rope",
+                      bias=bool(hf_cfg.attention_bias), norm_eps=hf_cfg.rms_norm_eps,
+                      rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
+                      tie_embeddings=tie, dropout=0.0)
+    else:
+        raise ValueError(f"cannot import a Hugging Face '{kind}' model; supported: gpt2 (GPT2LMHeadModel), "
+                         "llama (LlamaForCausalLM)")
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def to_hf_state_dict(state: dict, config: ModelConfig) -> dict:
+    """Our state dict -> the HF model's (GPT-2: transpose Conv1D weights; both: drop pad rows)."""
+    family = hf_family(config)
+    out = {}
+    for key, value in state.items():
+        if key in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight"):
+            value = value[:config.vocab_size]
+        if family == "gpt2" and key.endswith(CONV1D_SUFFIXES):
+            value = value.t()
+        out[key] = value.contiguous()
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def from_hf_state_dict(hf_state: dict, config: ModelConfig) -> dict:
+    """An HF state dict -> ours for `config` (pads vocabulary rows with zeros up to padded_vocab_size)."""
+    family = hf_family(config)
+    out = {}
+    for key, value in hf_state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+            continue  # HF buffers (causal masks, rope tables), not weights
+        if family == "gpt2" and key.endswith(CONV1D_SUFFIXES):
+            value = value.t()
+        if key in ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight") \
+                and config.padded_vocab_size > value.size(0):
+            pad = value.new_zeros(config.padded_vocab_size - value.size(0), value.size(1))
+            value = torch.cat([value, pad])
+        out[key] = value.contiguous()
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def to_hf(model: GPT):
+    """A transformers model (GPT2LMHeadModel or LlamaForCausalLM) with this model's weights, fp32, eval mode."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    config = model.config
+    cls = GPT2LMHeadModel if hf_family(config) == "gpt2" else LlamaForCausalLM
+    hf_model = cls(hf_config(config))
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(state, config), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)
+               and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise ValueError(f"HF export mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def from_hf(hf_model, **overrides) -> GPT:
+    """Our GPT with the weights of a GPT2LMHeadModel or LlamaForCausalLM."""
+    from models.io import load_state
+
+    config = config_from_hf(hf_model.config, **overrides)
+    with torch.device("meta"):
+        model = GPT(config)
+    state = {k: v.detach().float().cpu() for k, v in hf_model.state_dict().items()}
+    load_state(model, from_hf_state_dict(state, config))
+    return model.eval()

@@ -1,0 +1,138 @@
+"""Building blocks: norms, rotary embeddings, causal self-attention, and the two MLPs.
+
+Norms compute in fp32 whatever the activation dtype (bf16 statistics over 1024+ channels lose
+precision) and cast back. RoPE uses the rotate-half layout, which is what HF Llama uses, so
+GPT-2.5 weights map to LlamaForCausalLM without permuting q/k.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x):
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), (x.size(-1),), self.weight.float(), bias, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """GPT-2.5: RMSNorm instead of LayerNorm (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return LayerNorm(config.n_embd, config.norm_eps, config.bias)
+
+
+def rope_cache(rotary_dim: int, length: int, theta: float, device=None):
+    """cos/sin tables of shape (length, rotary_dim) in fp32, rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.size(-1) dims of x (B, H, T, D); the rest pass through (partial rotary)."""
+    r = cos.size(-1)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    x_rot = (x_rot.float() * cos + rotated.float() * sin).type_as(x)
+    return torch.cat([x_rot, x_pass], dim=-1) if x_pass.numel() else x_rot
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention through SDPA (flash / memory-efficient kernels on GPU).
+
+    Classic GPT-2 keeps HF's fused `c_attn` (q, k, v in one matmul) and `c_proj`; GPT-2.5 uses
+    Llama's separate q/k/v/o projections so its state dict maps key-for-key to HF Llama.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
+        self.dropout = config.dropout
+        self.llama_names = config.llama_layout
+        if self.llama_names:  # GPT-2.5: Llama projection names
+            self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        else:
+            self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+            self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def out_proj(self):
+        return self.o_proj if self.llama_names else self.c_proj
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.shape
+        if self.llama_names:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        # With a cache, the T new queries sit at the end of the keys: causal means "up to own position".
+        causal_offset = k.size(2) - T
+        if causal_offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=causal_offset)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.out_proj()(y)
+
+
+class MLP(nn.Module):
+    """GPT-2's MLP: Linear -> GELU (tanh approximation, as OpenAI's GPT-2) -> Linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+
+    def out_proj(self):
+        return self.c_proj
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """GPT-2.5: SwiGLU MLP with Llama's names (gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+
+    def out_proj(self):
+        return self.down_proj
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
