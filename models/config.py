@@ -90,7 +90,7 @@ PRESETS = {
     "gpt25": _gpt25(n_layer=12, n_head=12, n_embd=768),          # 123,551,232 (SwiGLU hidden 2048)
     "gpt25-medium": _gpt25(n_layer=24, n_head=16, n_embd=1024),  # 359,794,688 (hidden 2816)
     "gpt25-large": _gpt25(n_layer=36, n_head=20, n_embd=1280),   # 795,804,160 (hidden 3584)
-    "gpt2-mini": _gpt2(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2 vocab padded to 50304
+    "gpt2-mini": _gpt2(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2's vocab (offline demo)
     "tiny": _gpt2(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),  # 136,960
 }
 
