@@ -90,7 +90,7 @@ def open_dataset(cfg: TrainConfig) -> Dataset:
     if cfg.data is None:
         from trainer.convert import ensure_demo_data
 
-        tokenizer = cfg.tokenizer or "gpt2"
+        tokenizer = cfg.tokenizer or "bytes"
         target = Path("data") / f"pydoc-{tokenizer.replace(':', '_').replace('/', '_')}"
         if dist.is_main():
             ensure_demo_data(target, tokenizer=tokenizer)

