@@ -129,8 +129,51 @@ def test_zero_stages_give_the_same_curve(tiny_data, tmp_path):
         run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "5",
                  "--ds-config", f"zero{stage}_bf16", "--global-batch", "8", "--tracking"], launcher=("deepspeed", 2))
         curves[stage] = losses(run)
-    for stage in (0, 1):
-        assert curves[stage] == pytest.approx(curves[2], abs=3e-2), curves
+    assert curves[1] == pytest.approx(curves[2], abs=1e-3), curves
+    # ZeRO-0 with bf16 runs DeepSpeed's FP16_Optimizer in bf16 mode, whose Adam sees loss-scaled
+    # gradients (eps acts differently on near-zero gradients): close, not identical.
+    assert curves[0] == pytest.approx(curves[2], abs=0.1), curves
+
+
+def test_zero2_matches_a_plain_pytorch_reference(tiny_data, tmp_path):
+    """The whole step (data order, loss, warmup, clipping, weight-decay groups, fp32 master AdamW on a
+    bf16 model) agrees with a few lines of plain PyTorch doing the same thing."""
+    import torch
+
+    import models
+    from trainer.data import Dataset, TrainStream
+    from trainer.loss import lm_loss
+    from trainer.optim import param_groups
+
+    run = tmp_path / "run"
+    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3", "--warmup-steps",
+             "0", "--schedule", "constant", "--ds-config", "zero2_bf16"])
+    records = [r for r in metrics(run) if "loss" in r]
+
+    dataset = Dataset.open(tiny_data)
+    torch.manual_seed(7)
+    model = models.GPT(models.get_config("tiny", vocab_size=dataset.vocab_size, padded_vocab_size=320)).bfloat16()
+    master = [p.detach().float().clone() for p in model.parameters()]
+    groups = param_groups(model, 0.1)
+    ids = {id(p): i for i, p in enumerate(model.parameters())}
+    optimizer = torch.optim.AdamW([{"params": [master[ids[id(p)]] for p in g["params"]],
+                                    "weight_decay": g["weight_decay"]} for g in groups],
+                                  lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    stream = TrainStream(dataset, 64, 4, seed=7)
+    for step, record in enumerate(records):
+        x, y = stream.local_batch(step * 4, 0, 1)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        for m, p in zip(master, model.parameters()):
+            m.grad, p.grad = p.grad.float(), None
+        norm = torch.nn.utils.clip_grad_norm_(master, 1.0)
+        assert record["loss"] == pytest.approx(loss.item(), abs=1e-4)
+        assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+        assert record["lr"] == pytest.approx(3e-3)
+        optimizer.step()
+        with torch.no_grad():
+            for m, p in zip(master, model.parameters()):
+                p.copy_(m)
 
 
 @pytest.mark.slow

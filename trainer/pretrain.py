@@ -225,6 +225,7 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
     engine.train()
     while state["step"] < steps:
         x, y = stream.local_batch(state["cursor"], rank, world)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler moves on after it)
         step_loss = torch.zeros((), device=device)
         skipped_before = engine.skipped_steps
         for i in range(plan.grad_accum):
@@ -253,7 +254,7 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
             mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
-            record = {"step": state["step"], "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": state["step"], "loss": mean_loss, "lr": step_lr,
                       "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
                       "mfu": mfu, "skipped": state["skipped_total"]}
             mem = memory_gb()
