@@ -92,5 +92,38 @@ def pretrain(config_file, set_, compile_, json_output, **options):
 
 
 
+@cli.command("estimate-memory", context_settings={"show_default": True})
+@click.option("--model", default="gpt2-medium", help="Model preset (gpt2, gpt2-medium, gpt25-medium, ...).")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
+@click.option("--ds-config", default="zero2_bf16", help="DeepSpeed JSON (path or name in ds_configs/): stage, precision, offload, buckets.")
+@click.option("--gpus", type=int, default=1, help="Data-parallel GPUs (ZeRO partitions over them).")
+@click.option("--micro-batch", type=int, default=8, help="Sequences per GPU per forward pass.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence. [default: the model's block_size]")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False,
+              help="Recompute block activations in backward.")
+@click.option("--gpu-memory", type=float, default=24.0, help="Memory per GPU in GB (2**30 bytes).")
+@click.option("--table", "show_table", is_flag=True, help="Print the recommendation table for common models and GPUs.")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
+def estimate_memory(set_, gpu_memory, **options):
+    """Predict per-GPU memory (and the largest micro-batch that fits) before launching a run."""
+    from trainer import memory
+    from trainer.config import parse_set
+
+    memory.run(overrides=parse_set(set_), gpu_memory_gb=gpu_memory, **options)
+
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--build-ops", is_flag=True, help="JIT-build DeepSpeed's Adam ops now if needed (~100 s each, once).")
+@click.option("--out", default="runs", help="Where checkpoints will go (free disk is checked there).")
+@click.option("--model", default="gpt2-medium", help="Model preset whose checkpoint size the disk check uses.")
+@click.option("--keep-last", type=int, default=3, help="Checkpoints kept (as pretrain --keep-last).")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
+def doctor(**options):
+    """Pre-flight check: versions, GPUs, bf16, DeepSpeed Adam ops, free disk; each problem with its fix."""
+    from trainer import doctor as doctor_module
+
+    doctor_module.run(**options)
+
+
 if __name__ == "__main__":
     cli()

@@ -183,3 +183,53 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and dist.world_size() > 1:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
     return out
+
+
+# ---- pre-flight checks for `doctor` (owner: memory engineer) -----------------------------------
+DOCTOR_OPS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
+
+
+def versions() -> dict:
+    """DeepSpeed version and accelerator, without starting torch.distributed."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return {"deepspeed": deepspeed.__version__, "accelerator": accel.device_name(),
+            "accelerator_bf16": bool(accel.is_bf16_supported()), "accelerator_fp16": bool(accel.is_fp16_supported())}
+
+
+def op_status(build: bool = False) -> dict:
+    """For DeepSpeed's Adam ops: {name: {compatible, prebuilt, cached, loaded, error}}.
+
+    A JIT build takes ~100 s and a compiler, so by default only an op that is prebuilt or already
+    cached under ~/.cache/torch_extensions is loaded (a second or two); `build=True` loads (builds) all.
+    """
+    import importlib.util
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    out = {}
+    for name, builder_name in DOCTOR_OPS.items():
+        info = {"compatible": False, "prebuilt": False, "cached": False, "loaded": None, "error": None}
+        out[name] = info
+        try:
+            builder = get_accelerator().create_op_builder(builder_name)
+            if builder is None:
+                info["error"] = f"the {get_accelerator().device_name()} accelerator has no {builder_name}"
+                continue
+            info["compatible"] = bool(builder.is_compatible(verbose=False))
+            try:
+                info["prebuilt"] = importlib.util.find_spec(builder.absolute_name()) is not None
+            except (ImportError, ValueError):
+                pass
+            build_dir = Path(_get_build_directory(builder.name, verbose=False))
+            info["cached"] = (build_dir / f"{builder.name}.so").is_file()
+            if info["compatible"] and (build or info["prebuilt"] or info["cached"]):
+                builder.load(verbose=False)
+                info["loaded"] = True
+        except Exception as e:  # an op that fails to build is a finding to report, not a crash
+            info["loaded"] = False
+            info["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+    return out
