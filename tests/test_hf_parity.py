@@ -1,0 +1,62 @@
+"""Our models and Hugging Face's agree: same logits both ways through the real converters."""
+import pytest
+import torch
+
+from models import GPT, get_config, hf
+
+GPT25 = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False)
+
+
+def random_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", **overrides)).eval()
+    with torch.no_grad():  # move norms and biases off their init values so the parity check sees them
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("overrides, hf_class", [({}, "GPT2LMHeadModel"), (GPT25, "LlamaForCausalLM"),
+                                                 ({**GPT25, "tie_embeddings": False}, "LlamaForCausalLM"),
+                                                 ({"padded_vocab_size": 576}, "GPT2LMHeadModel")])
+def test_ours_to_hf_and_back(overrides, hf_class):
+    model = random_model(**overrides)
+    idx = torch.randint(0, 512, (2, 40))
+    hf_model = hf.to_hf(model)
+    assert type(hf_model).__name__ == hf_class
+    with torch.no_grad():
+        ours, theirs = model(idx), hf_model(idx).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        back = hf.from_hf(hf_model, padded_vocab_size=model.config.padded_vocab_size)
+        assert (back(idx) - ours).abs().max().item() <= 1e-4
+
+
+def test_hf_gpt2_to_ours():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    hf_model = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, vocab_size=300,
+                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+    model = hf.from_hf(hf_model)
+    idx = torch.randint(0, 300, (1, 64))
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_export_round_trips_through_save_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = random_model(**GPT25)
+    hf.to_hf(model).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert (loaded(idx).logits - model(idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("overrides, field", [({"rotary_dim": 8}, "rotary_dim"), ({"norm": "rmsnorm"}, "norm"),
+                                              ({**GPT25, "pos_emb": "learned", "rotary_dim": 0}, "pos_emb")])
+def test_unexportable_combinations_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        hf.hf_config(get_config("tiny", **overrides))
