@@ -23,7 +23,7 @@ from trainer.errors import UserError
 from trainer.tokenizer import get_tokenizer
 
 STATE = ".convert_state.json"
-DOCS_PER_TASK = 256
+CHARS_PER_TASK = 2_000_000  # big tasks amortise process hand-off and tiktoken's per-call thread pool
 
 
 def _identity(source, tokenizer, text_field, shard_tokens, val_tokens) -> dict:
@@ -32,17 +32,21 @@ def _identity(source, tokenizer, text_field, shard_tokens, val_tokens) -> dict:
 
 
 def _tokenize_chunk(args):
-    spec, docs = args
+    spec, docs, threads = args
     tok = get_tokenizer(spec)
-    encoded = tok.encode_batch(docs)
+    encoded = tok.encode_batch(docs, threads=threads)
     return [np.asarray([tok.eot_id, *ids], dtype=np.uint32) for ids in encoded], sum(len(d.encode()) for d in docs)
 
 
-def _chunks(iterator, size):
-    while True:
-        chunk = list(islice(iterator, size))
-        if not chunk:
-            return
+def _chunks(documents, chars: int):
+    chunk, size = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
         yield chunk
 
 
@@ -126,7 +130,9 @@ def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_00
 def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, text_field, progress):
     consumed = writer.state["consumed"]
     documents = islice(sources.iter_documents(source, text_field), consumed, None)  # resume: skip finished docs
-    chunks = ((spec, docs) for docs in _chunks(documents, DOCS_PER_TASK))
+    # One process: the tokenizer may use every core's threads; several: one thread each.
+    threads = None if workers == 1 else 1
+    chunks = ((spec, docs, threads) for docs in _chunks(documents, CHARS_PER_TASK))
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)
     val_done = any(s["split"] == "val" for s in writer.state["shards"]) or val_tokens == 0

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from trainer.errors import UserError
 
@@ -61,16 +60,19 @@ def read_header(path) -> tuple[int, int]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise UserError(f"cannot read shard {path}: {e.strerror}")
-    if len(header) < HEADER_INTS:
+    if len(raw) < HEADER_BYTES:
         raise UserError(f"shard {path} is truncated ({size} bytes, shorter than the 1024-byte header); "
                         "re-create it with tools/convert_shards.py")
+    header = np.frombuffer(raw, dtype="<i4")
     if header[0] != MAGIC:
         raise UserError(f"shard {path} has magic {header[0]}, expected {MAGIC}: not a token shard in the "
                         "llm.c format; convert it with tools/convert_shards.py (nanogpt:/npy:/llmc: sources)")
     version, count = int(header[1]), int(header[2])
+    if count < 0:
+        raise UserError(f"shard {path} has a negative token count in its header: corrupt; re-create it")
     if version not in DTYPES:
         raise UserError(f"shard {path} has version {version}; supported: 1 (uint16) and 2 (uint32)")
     expected = HEADER_BYTES + count * np.dtype(DTYPES[version]).itemsize
@@ -191,8 +193,7 @@ class TrainStream:
         per_rank = self.global_batch // world
         first = cursor + rank * per_rank
         rows = np.stack([self.sample(i) for i in range(first, first + per_rank)])
-        batch = torch.from_numpy(rows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return _to_inputs_targets(rows)
 
 
 class ValStream:
@@ -211,5 +212,12 @@ class ValStream:
         n = min(n_batches, self.num_batches)
         for b in range(rank, n, world):
             rows = np.stack([self.windows.get(b * self.batch_size + i) for i in range(self.batch_size)])
-            batch = torch.from_numpy(rows)
-            yield batch[:, :-1], batch[:, 1:]
+            yield _to_inputs_targets(rows)
+
+
+def _to_inputs_targets(rows: np.ndarray):
+    """(B, T+1) windows -> int64 tensors x = rows[:, :-1], y = rows[:, 1:]."""
+    import torch  # imported here so conversion worker processes start without loading torch
+
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

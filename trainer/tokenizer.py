@@ -34,7 +34,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], threads=None) -> list[list[int]]:
+        """Encode many texts; `threads` caps the tokenizer's own threads (None: its default)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
@@ -72,8 +73,8 @@ class GPT2Tokenizer(Tokenizer):
     def encode(self, text):
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=max(1, os.cpu_count() or 1))
+    def encode_batch(self, texts, threads=None):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=threads or max(1, os.cpu_count() or 1))
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -160,7 +161,7 @@ class HFTokenizer(Tokenizer):
             ids.extend(self.tok.encode(piece, add_special_tokens=False).ids)
         return ids
 
-    def encode_batch(self, texts):
+    def encode_batch(self, texts, threads=None):
         if not any(s in t for t in texts for s in self.specials):
             return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
         return [self.encode(t) for t in texts]
@@ -194,8 +195,8 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text):
         return self.sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts):
-        return self.sp.encode(list(texts), out_type=int)
+    def encode_batch(self, texts, threads=None):
+        return self.sp.encode(list(texts), out_type=int, num_threads=threads or -1)
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])

@@ -1,0 +1,208 @@
+"""Shards and streams: what goes in comes out, corrupt files are refused by name, order is resumable."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trainer.convert import convert
+from trainer.data import HEADER_BYTES, MAGIC, Dataset, TrainStream, ValStream, read_shard, write_shard
+from trainer.errors import UserError
+from trainer.sources import iter_documents
+from trainer.tokenizer import get_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pydoc_bytes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "pydoc-bytes"
+    convert("pydoc", "bytes", out, shard_tokens=100_000, val_tokens=20_000, progress=False)
+    return out
+
+
+def decode_documents(dataset: Dataset, tokenizer) -> list[str]:
+    tokens = np.concatenate([dataset.val_tokens_array(), dataset.train_tokens_array()]).astype(np.int64)
+    starts = np.flatnonzero(tokens == dataset.eot_id)
+    assert starts[0] == 0  # every document starts with end-of-text
+    return [tokenizer.decode(tokens[a + 1:b]) for a, b in zip(starts, [*starts[1:], len(tokens)])]
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "bytes"])
+def test_text_round_trips_through_shards(spec, tmp_path):
+    docs = list(iter_documents("pydoc"))[:60]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    convert(str(src), spec, tmp_path / "out", shard_tokens=20_000, val_tokens=3_000, progress=False)
+    dataset = Dataset.open(tmp_path / "out")
+    assert len(dataset.train_shards) > 1 and dataset.val_tokens >= 3_000
+    assert decode_documents(dataset, get_tokenizer(spec)) == docs
+
+
+def test_sources_jsonl_gz_parquet_and_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"content": "one"}) + "\n" + json.dumps({"content": "two"}) + "\n")
+    pq.write_table(pa.table({"content": ["three", "four"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("five")
+    assert list(iter_documents(str(tmp_path / "a.jsonl.gz"), "content")) == ["one", "two"]
+    assert list(iter_documents(str(tmp_path / "b.parquet"), "content")) == ["three", "four"]
+    assert list(iter_documents(str(tmp_path / "*.txt"))) == ["five"]
+    with pytest.raises(UserError, match="no field 'text'.*--text-field"):
+        list(iter_documents(str(tmp_path / "a.jsonl.gz")))
+
+
+def test_worker_count_does_not_change_a_byte(tmp_path):
+    for workers in (1, 2):
+        convert("pydoc", "gpt2", tmp_path / f"w{workers}", shard_tokens=30_000, val_tokens=5_000, workers=workers,
+                progress=False)
+    for shard in sorted((tmp_path / "w1").glob("*.bin")):
+        assert shard.read_bytes() == (tmp_path / "w2" / shard.name).read_bytes()
+
+
+def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, monkeypatch):
+    import trainer.convert as conv
+
+    out = tmp_path / "out"
+    reference = tmp_path / "ref"
+    convert("pydoc", "bytes", reference, shard_tokens=50_000, val_tokens=10_000, progress=False)
+    calls = {"n": 0}
+    real = conv.write_shard
+
+    def crash_on_third(path, tokens, vocab_size=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, tokens, vocab_size=vocab_size)
+
+    monkeypatch.setattr(conv, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=10_000, progress=False)
+    assert not (out / "meta.json").exists()
+    first_two = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
+    assert len(first_two) == 2
+    monkeypatch.setattr(conv, "write_shard", real)
+    convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=10_000, progress=False)
+    assert all((out / name).stat().st_mtime_ns == t for name, t in first_two.items())  # not rewritten
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(p.name for p in reference.glob("*.bin"))
+    for shard in reference.glob("*.bin"):
+        assert shard.read_bytes() == (out / shard.name).read_bytes()
+
+
+def test_existing_token_files_are_resharded(tmp_path, pydoc_bytes):
+    tokens = Dataset.open(pydoc_bytes).train_tokens_array()
+    np.asarray(tokens, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.save(tmp_path / "shard.npy", np.asarray(tokens, dtype=np.uint16))
+    for spec in (f"nanogpt:{tmp_path / 'train.bin'}", f"npy:{tmp_path / '*.npy'}",
+                 f"llmc:{pydoc_bytes / 'train_*.bin'}"):
+        out = tmp_path / spec.split(":")[0]
+        meta = convert(spec, "bytes", out, shard_tokens=100_000, val_tokens=10_000, progress=False)
+        assert meta["train_tokens"] + meta["val_tokens_written"] == len(tokens)
+        again = Dataset.open(out)
+        assert np.array_equal(np.concatenate([again.val_tokens_array(), again.train_tokens_array()]), tokens)
+
+
+def test_uint32_shards_for_large_vocabularies(tmp_path):
+    write_shard(tmp_path / "big.bin", [0, 70_000, 5], vocab_size=100_000)
+    assert np.frombuffer((tmp_path / "big.bin").read_bytes()[:12], "<i4").tolist() == [MAGIC, 2, 3]
+    assert read_shard(tmp_path / "big.bin").tolist() == [0, 70_000, 5]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-2], "truncated"),
+    (lambda b: b[:100], "shorter than the 1024-byte header"),
+    (lambda b: np.int32(7).tobytes() + b[4:], "magic 7"),
+    (lambda b: b[:4] + np.int32(9).tobytes() + b[8:], "version 9"),
+])
+def test_damaged_shards_are_refused_by_name(tmp_path, damage, message):
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, np.arange(100), vocab_size=257)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UserError, match=message) as err:
+        read_shard(path)
+    assert str(path) in str(err.value)
+
+
+def test_out_of_range_ids_and_meta_mismatch(tmp_path, pydoc_bytes):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pydoc_bytes, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["vocab_size"] = 100
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"token id \d+ >= vocab size 100"):
+        Dataset.open(copy)
+    meta["vocab_size"] = 257
+    meta["shards"][0]["tokens"] += 1
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json records"):
+        Dataset.open(copy)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=3000))
+def test_reader_never_crashes_on_arbitrary_bytes(tmp_path, blob):
+    path = tmp_path / "fuzz.bin"
+    path.write_bytes(blob)
+    try:
+        tokens = read_shard(path, vocab_size=300)
+        assert len(tokens) == (len(blob) - HEADER_BYTES) // 2 or len(tokens) == (len(blob) - HEADER_BYTES) // 4
+    except UserError:
+        pass
+
+
+def test_cursor_resume_and_rank_slices_see_the_same_global_batches(pydoc_bytes):
+    dataset = Dataset.open(pydoc_bytes)
+    stream = TrainStream(dataset, seq_len=32, global_batch=8, seed=3)
+    for cursor in (0, 8, 800, stream.samples_per_epoch - 4):  # includes an epoch rollover inside a batch
+        x1, y1 = stream.local_batch(cursor, 0, 1)
+        parts = [stream.local_batch(cursor, r, 2) for r in range(2)]
+        assert np.array_equal(x1.numpy(), np.concatenate([p[0].numpy() for p in parts]))
+        assert np.array_equal(y1[:, :-1].numpy(), x1[:, 1:].numpy())  # targets are inputs shifted by one
+        fresh = TrainStream(dataset, seq_len=32, global_batch=8, seed=3)  # a resumed run: O(1), no replay
+        assert np.array_equal(fresh.local_batch(cursor, 0, 1)[0].numpy(), x1.numpy())
+
+
+def test_an_epoch_covers_every_window_once_and_epochs_differ(pydoc_bytes):
+    stream = TrainStream(Dataset.open(pydoc_bytes), seq_len=64, global_batch=4, seed=0)
+    n = stream.samples_per_epoch
+    first = [tuple(stream.sample(i)[:8]) for i in range(n)]
+    windows = [tuple(stream.windows.get(i)[:8]) for i in range(n)]
+    assert sorted(first) == sorted(windows)
+    assert [tuple(stream.sample(n + i)[:8]) for i in range(20)] != first[:20]
+    assert TrainStream(Dataset.open(pydoc_bytes), 64, 4, seed=1).sample(0).tolist() != stream.sample(0).tolist()
+
+
+def test_validation_batches_are_fixed_and_split_across_ranks(pydoc_bytes):
+    val = ValStream(Dataset.open(pydoc_bytes), seq_len=32, batch_size=4)
+    once = [x.numpy() for x, _ in val.batches(6)]
+    assert all(np.array_equal(a, b) for a, b in zip(once, [x.numpy() for x, _ in val.batches(6)]))
+    split = [x.numpy() for r in range(2) for x, _ in val.batches(6, r, 2)]
+    assert sorted(map(bytes, once)) == sorted(map(bytes, split))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "/no/such/*.txt", "--tokenizer", "gpt2"], "no such file"),
+    (["--source", "pydoc", "--tokenizer", "gpt5"], "unknown tokenizer spec"),
+    (["--source", "EMPTY", "--tokenizer", "bytes"], "no documents"),
+])
+def test_convert_cli_errors_are_one_line(tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    proc = subprocess.run([sys.executable, "tools/convert_shards.py", *args, "--out", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_dir_with_another_dataset_is_refused(tmp_path, pydoc_bytes):
+    with pytest.raises(UserError, match="different dataset"):
+        convert("pydoc", "gpt2", pydoc_bytes, progress=False)

@@ -1,0 +1,68 @@
+"""Tokenizers: one interface, exact GPT-2 BPE offline, and end-of-text text that never crashes encoding."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.errors import UserError
+from trainer.tokenizer import ENDOFTEXT, get_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = "Hello, world! Ünïcödé and emoji 🚀\n\n  indented\tcode()"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tools.train_tokenizer import train
+
+    out = tmp_path_factory.mktemp("tok")
+    return {"bpe": train("pydoc", "bpe", 600, out / "bpe"), "sp": train("pydoc", "sentencepiece", 600, out / "sp")}
+
+
+def test_gpt2_matches_the_published_encoding():
+    tok = get_tokenizer("gpt2")
+    assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
+    assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids, as in every GPT-2 reproduction
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+@pytest.mark.parametrize("spec_key", ["gpt2", "bytes", "bpe", "sp"])
+def test_round_trip_and_endoftext_as_plain_text(spec_key, trained):
+    spec = trained.get(spec_key, spec_key)
+    tok = get_tokenizer(spec)
+    assert tok.spec == spec
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    ids = tok.encode(f"a {ENDOFTEXT} b </s>")
+    assert tok.eot_id not in ids  # text never injects a document boundary
+    assert tok.encode_batch(["one", "two"]) == [tok.encode("one"), tok.encode("two")]
+
+
+def test_bytes_tokenizer_is_utf8():
+    tok = get_tokenizer("bytes")
+    assert tok.encode("é") == [0xC3, 0xA9] and (tok.vocab_size, tok.eot_id) == (257, 256)
+
+
+def test_unknown_spec_lists_valid_forms():
+    with pytest.raises(UserError, match="gpt2, bytes, hf:PATH"):
+        get_tokenizer("gpt4")
+    with pytest.raises(UserError, match="not found"):
+        get_tokenizer("hf:/no/such/dir")
+
+
+@pytest.mark.parametrize("spec_key", ["gpt2", "bpe"])
+def test_hf_tokenizer_files_load_in_transformers(spec_key, trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = get_tokenizer(trained.get(spec_key, spec_key))
+    assert tok.save_hf(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok.encode("Hello world, tokenizers!", add_special_tokens=False) == tok.encode("Hello world, tokenizers!")
+
+
+def test_train_tokenizer_cli_prints_the_spec(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--source", "pydoc", "--kind", "bpe",
+                           "--vocab-size", "400", "--out", str(tmp_path / "t")], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"hf:{tmp_path / 't'}" in proc.stdout
