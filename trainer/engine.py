@@ -169,6 +169,11 @@ def initialize(model: torch.nn.Module, param_groups, ds_config: dict, lr_lambda=
     return engine, optimizer, scheduler
 
 
+def compile_model(engine) -> None:
+    """torch.compile through DeepSpeed's own hook, so ZeRO's forward/backward hooks stay in place."""
+    engine.compile()
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (returns a new tensor; fp32 for stable sums)."""
     out = tensor.detach().float().clone()
