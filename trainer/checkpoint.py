@@ -131,3 +131,47 @@ def load(engine, ckpt: Path) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+# ---- consolidation for inference (eval-ppl, generate, zero_to_fp32; owner: eval engineer) ----------------
+MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# Keys DeepSpeed itself writes into the model-states file; everything else there is our client_state.
+_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+                   "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                   "checkpoint_parallel_dimensions", "ds_config", "ds_version", "sparse_tensor_module_names"}
+
+
+def model_states_file(ckpt: Path) -> Optional[Path]:
+    """The file holding client_state (and, below ZeRO-3, the module weights); None if not a DeepSpeed checkpoint."""
+    return next((Path(ckpt) / n for n in MODEL_STATES_FILES if (Path(ckpt) / n).is_file()), None)
+
+
+def consolidated_state_dict(ckpt: Path) -> tuple[dict, dict]:
+    """(full fp32 state dict, client_state) of one DeepSpeed checkpoint dir, any ZeRO stage and rank count.
+
+    Read directly from the ZeRO files in memory (no consolidation step on disk). Weights come from the
+    fp32 master copies in the optimizer shards when there are any (ZeRO 1-3, bf16 ZeRO-0); fp32 ZeRO-0
+    keeps the full weights in the module state itself. A tied lm_head comes back as an alias of the
+    embedding it shares.
+    """
+    import contextlib
+    import sys
+
+    ckpt = Path(ckpt)
+    states_file = model_states_file(ckpt)
+    if states_file is None:
+        raise UserError(f"{ckpt} is not a DeepSpeed checkpoint (none of {', '.join(MODEL_STATES_FILES)} in it)")
+    states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
+    client_state = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
+    if any(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results / --json
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    for alias, source in (states.get("shared_params") or {}).items():
+        if alias not in state and source in state:
+            state[alias] = state[source]
+    return state, client_state
