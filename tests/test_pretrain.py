@@ -190,3 +190,24 @@ def test_torchrun_two_nodes_of_one_rank(tiny_data, tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert len(losses(run)) == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pretrain", *TINY, "--data", str(tiny_data),
+                             "--out", str(run), "--max-steps", "100000", "--ds-config", "zero2_fp32", "--json"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["stopped"] == "signal SIGTERM" and 3 <= result["step"] < 100000
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{result['step']:07d}" and (run / "checkpoints" / latest / "COMPLETE").is_file()
