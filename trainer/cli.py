@@ -125,5 +125,79 @@ def doctor(**options):
     doctor_module.run(**options)
 
 
+_MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN/step_N, consolidated model dir, "
+                    "HF model dir or hub name (e.g. gpt2).")
+
+
+@cli.command("eval-ppl", context_settings={"show_default": True})
+@click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
+@click.option("--data", type=click.Path(), help="Dataset dir: score its val_*.bin shards.")
+@click.option("--text-file", type=click.Path(), help="Score a UTF-8 text file.")
+@click.option("--hf-dataset", help="HF dataset name or local dir (wikitext: config wikitext-103-raw-v1 by default).")
+@click.option("--hf-config", help="HF dataset config.")
+@click.option("--split", default="test", help="HF dataset split.")
+@click.option("--text-column", default="text", help="HF dataset text column (documents joined with blank lines).")
+@click.option("--context", type=int, help="Window length in tokens. [default: the model's block size]")
+@click.option("--stride", type=int, help="Tokens between window starts (= context: non-overlapping). [default: context/2]")
+@click.option("--batch-size", type=int, default=8, help="Windows per forward pass (does not change the result).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
+@click.option("--tokenizer", help="Tokenizer spec, when the model path records none (gpt2, bytes, hf:PATH, sp:PATH).")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens (quick checks).")
+@click.option("--word-level", is_flag=True, help="Also report word-level perplexity (GPT-2 paper style).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
+def eval_ppl(json_output, **options):
+    """Perplexity with a strided sliding window (HF guide method), plus bits per byte.
+
+    Data-parallel under `deepspeed --module trainer.cli eval-ppl ...` or torchrun, same result as 1 rank.
+    """
+    from trainer import evaluate
+
+    evaluate.run_ppl(evaluate.PplConfig(**options), json_output=json_output)
+
+
+@cli.command("eval-hellaswag", context_settings={"show_default": True})
+@click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
+@click.option("--jsonl", required=True, type=click.Path(),
+              help="HellaSwag jsonl (ctx, endings, label), e.g. hellaswag_val.jsonl from github.com/rowanz/hellaswag.")
+@click.option("--limit", type=int, help="Score only the first N examples.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
+@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
+def eval_hellaswag(**options):
+    """HellaSwag accuracy, completion style: lowest loss over the ending wins (acc: summed, acc_norm: per token)."""
+    from trainer import evaluate
+
+    evaluate.run_hellaswag(**options)
+
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
+@click.option("--prompt", default="", help="Text to continue (empty: start from end-of-text).")
+@click.option("--max-new-tokens", type=int, default=200, help="Tokens to generate per sample.")
+@click.option("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", type=int, help="Sample from the k most likely tokens only (0 = off).")
+@click.option("--top-p", type=float, help="Nucleus sampling: smallest set with probability >= p.")
+@click.option("--num-samples", type=int, default=1, help="Independent samples (sample i uses seed + i).")
+@click.option("--seed", type=int, default=1337, help="Random seed.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: GPU if any, else cpu]")
+@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@click.option("--cache/--no-cache", "use_cache", default=True, help="Use the KV cache.")
+@click.option("--stop-at-eot/--no-stop-at-eot", default=True, help="Stop a sample at end-of-text.")
+@click.option("--json", "json_output", is_flag=True, help="Print {prompt, samples} as one JSON line (no streaming).")
+def generate(json_output, **options):
+    """Sample text from a model, streamed to stdout."""
+    from trainer import generate as generate_module
+
+    generate_module.run(generate_module.GenerateConfig(**options), json_output=json_output)
+
+
 if __name__ == "__main__":
     cli()

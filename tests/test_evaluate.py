@@ -1,0 +1,344 @@
+"""eval-ppl and model loading: parity with an independent transformers computation (the HF
+perplexity guide's loop), window arithmetic, batch-size invariance, every --model-path form
+(consolidated dir, HF dir, run dir, checkpoint dir and tag, read straight from ZeRO files), and
+one-line errors for bad input."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import models
+from trainer.cli import cli
+from trainer.errors import UserError
+from trainer.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
+from trainer.loss import lm_loss
+from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pydoc_text(chars: int = 4000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
+
+
+def random_model(**overrides) -> models.GPT:
+    """A tiny byte-level model with norms and biases moved off their init values (so parity sees them)."""
+    torch.manual_seed(0)
+    model = models.GPT(models.get_config("tiny", vocab_size=257, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(3.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model = random_model()
+    models.save(model, root / "consolidated")
+    write_tokenizer_spec(root / "consolidated", "bytes")
+    hf_dir = root / "hf"
+    models.hf.to_hf(model).save_pretrained(hf_dir)
+    write_tokenizer_spec(hf_dir, "bytes")
+    text = root / "text.txt"
+    text.write_text(pydoc_text())
+    return {"root": root, "model": model, "consolidated": root / "consolidated", "hf": hf_dir, "text": text}
+
+
+def hf_guide_ppl(hf_model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
+    """The loop of the Hugging Face guide "Perplexity of fixed-length models".
+
+    One correction: the guide weights every window's mean loss by (valid labels - batch size), but the
+    model's internal shift drops a valid label only in windows whose first label is valid (the first
+    window, or every window when stride == context); later windows' means cover all their valid labels.
+    So the weight here is the number of labels the model really averaged over."""
+    seq_len = ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = hf_model(input_ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids[:, 1:] != -100).sum().item()  # labels left after the internal shift
+        nll_sum += loss.double().item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum / n_tokens, n_tokens
+
+
+@pytest.mark.parametrize("context, stride", [(64, 24), (64, 64), (48, 40)])
+def test_eval_ppl_equals_transformers_on_hf_export(files, context, stride):
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32).eval()
+    ids = torch.tensor([list(files["text"].read_text().encode("utf-8"))])
+    expected_nll, expected_tokens = hf_guide_ppl(hf_model, ids, context, stride)
+    for path in (files["consolidated"], files["hf"]):
+        result = run_ppl(PplConfig(model_path=str(path), text_file=str(files["text"]), context=context,
+                                   stride=stride, batch_size=4, progress=False))
+        assert result["tokens"] == expected_tokens
+        assert abs(result["nll"] - expected_nll) / expected_nll <= 1e-4
+        assert abs(result["ppl"] - math.exp(expected_nll)) / math.exp(expected_nll) <= 1e-4
+
+
+def test_stride_equal_to_context_is_non_overlapping_blocks(files):
+    model, context = files["model"], 64
+    tokens = torch.tensor(list(files["text"].read_text().encode("utf-8")))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, len(tokens) - 1, context):  # independent blocks; a block's first token has no context
+            block = tokens[begin:begin + context]
+            total += lm_loss(model(block[None, :-1]), block[None, 1:], reduction="sum").item()
+            count += len(block) - 1
+    result = perplexity(model, tokens, context, context, batch_size=3)
+    assert result["tokens"] == count
+    assert result["nll"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_windows_score_every_token_once_with_most_context():
+    for n, context, stride in [(1000, 64, 64), (1000, 64, 1), (1001, 64, 24), (65, 64, 32), (2, 64, 16), (64, 64, 63)]:
+        scored = []
+        for begin, end, first in sliding_windows(n, context, stride):
+            assert end - begin <= context and begin < first <= end
+            scored.extend(range(first, end))
+            if begin:  # later windows: every scored token sees at least context - stride tokens of context
+                assert first - begin == max(1, context - stride)
+        if stride < context:
+            assert scored == list(range(1, n))
+        else:  # non-overlapping blocks: a block's first token has no context and is not scored
+            assert scored == [t for t in range(n) if t % context]
+
+
+def test_result_does_not_depend_on_batch_size(files):
+    tokens = list(files["text"].read_text().encode("utf-8"))
+    results = [perplexity(files["model"], tokens, 64, 24, batch_size=b) for b in (1, 5, 64)]
+    assert len({r["tokens"] for r in results}) == 1
+    for r in results[1:]:
+        assert r["nll"] == pytest.approx(results[0]["nll"], rel=1e-6)
+
+
+def test_bits_per_byte_and_word_level(files):
+    text = files["text"].read_text()
+    result = run_ppl(PplConfig(model_path=str(files["consolidated"]), text_file=str(files["text"]), context=64,
+                               stride=32, word_level=True, progress=False))
+    total = result["nll"] * result["tokens"]
+    assert result["bytes"] == len(text.encode("utf-8"))
+    assert result["bits_per_byte"] == pytest.approx(total / math.log(2) / len(text.encode("utf-8")), rel=1e-12)
+    assert result["words"] == len(text.split())
+    assert result["word_ppl"] == pytest.approx(math.exp(total / len(text.split())), rel=1e-12)
+
+
+def test_eval_ppl_on_dataset_shards(files, tmp_path):
+    from trainer.data import write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = files["text"].read_text()
+    docs = [list(d.encode("utf-8")) for d in text.split("\n\n") if d]
+    tokens = [t for d in docs for t in (*d, 256)]
+    write_shard(data / "train_000000.bin", tokens, vocab_size=257)
+    write_shard(data / "val_000000.bin", tokens, vocab_size=257)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}))
+    result = run_ppl(PplConfig(model_path=str(files["consolidated"]), data=str(data), context=64, stride=64,
+                               progress=False))
+    direct = perplexity(files["model"], tokens, 64, 64)
+    assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
+    assert result["bytes"] == sum(len(d) for d in docs)  # end-of-text ids are not text
+
+
+def test_hf_dataset_from_a_local_directory(files, tmp_path):
+    import datasets
+
+    lines = files["text"].read_text().split("\n\n")[:20]
+    datasets.Dataset.from_dict({"text": lines}).to_parquet(str(tmp_path / "test.parquet"))
+    result = run_ppl(PplConfig(model_path=str(files["consolidated"]), hf_dataset=str(tmp_path),
+                               context=64, stride=32, progress=False))
+    joined = "\n\n".join(lines)  # the HF guide's recipe
+    direct = perplexity(files["model"], list(joined.encode("utf-8")), 64, 32)
+    assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
+
+
+def test_cli_json_is_the_last_line(files):
+    out = CliRunner().invoke(cli, ["eval-ppl", "--model-path", str(files["consolidated"]), "--text-file",
+                                   str(files["text"]), "--context", "64", "--stride", "64", "--no-progress", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output.strip().splitlines()[-1])
+    assert {"ppl", "nll", "tokens", "bits_per_byte"} <= set(result)
+
+
+# ---- bad input: one line, no traceback ------------------------------------------------------------
+
+def cli_error(args) -> str:
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code != 0 and "Traceback" not in out.output, out.output
+    assert isinstance(out.exception, SystemExit), repr(out.exception)
+    return out.output
+
+
+def test_bad_inputs_give_clear_errors(files, tmp_path):
+    model, text = str(files["consolidated"]), str(files["text"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "no such directory" in cli_error(["eval-ppl", "--model-path", str(tmp_path / "nope"), "--text-file", text])
+    assert "no such file" in cli_error(["eval-ppl", "--model-path", model, "--text-file", str(tmp_path / "x.txt")])
+    assert "empty" in cli_error(["eval-ppl", "--model-path", model, "--text-file", str(empty)])
+    assert "larger than the model's block size 64" in cli_error(
+        ["eval-ppl", "--model-path", model, "--text-file", text, "--context", "65"])
+    assert "--stride 80 must be between 1 and --context 64" in cli_error(
+        ["eval-ppl", "--model-path", model, "--text-file", text, "--context", "64", "--stride", "80"])
+    assert "exactly one of" in cli_error(["eval-ppl", "--model-path", model, "--text-file", text, "--data", text])
+    assert "not a run directory" in cli_error(["eval-ppl", "--model-path", str(tmp_path), "--text-file", text])
+
+
+def test_missing_tokenizer_is_explained(files, tmp_path):
+    bare = tmp_path / "bare"
+    models.save(files["model"], bare)
+    with pytest.raises(UserError, match="pass --tokenizer"):
+        run_ppl(PplConfig(model_path=str(bare), text_file=str(files["text"]), progress=False))
+    result = run_ppl(PplConfig(model_path=str(bare), text_file=str(files["text"]), tokenizer="bytes", progress=False,
+                               max_tokens=200))
+    assert result["tokens"] == 199
+
+
+# ---- tokenizer spec beside model files -----------------------------------------------------------
+
+def test_tokenizer_spec_round_trip(tmp_path):
+    from tokenizers import Tokenizer, models as tok_models
+
+    write_tokenizer_spec(tmp_path / "a", "gpt2")
+    assert read_tokenizer_spec(tmp_path / "a") == "gpt2"
+    tok = Tokenizer(tok_models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a"))
+    tok.save(str(tmp_path / "tok.json"))
+    write_tokenizer_spec(tmp_path / "b", f"hf:{tmp_path / 'tok.json'}")
+    (tmp_path / "tok.json").unlink()  # the directory carries its own copy
+    spec = read_tokenizer_spec(tmp_path / "b")
+    assert spec == f"hf:{(tmp_path / 'b' / 'tokenizer.json').resolve()}" and Path(spec[3:]).is_file()
+    assert read_tokenizer_spec(tmp_path) is None
+
+
+def test_openai_gpt2_tokenizer_files_are_recognised(tmp_path):
+    from trainer.tokenizer import get_tokenizer
+
+    get_tokenizer("gpt2").save_hf(tmp_path)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
+    assert guess_tokenizer_spec(tmp_path) == "gpt2"
+
+
+# ---- DeepSpeed checkpoints, read straight from the ZeRO files ------------------------------------
+
+MAKE_CHECKPOINT = r"""
+import dataclasses, sys
+import torch
+import models
+from trainer import checkpoint, engine
+out, stage = sys.argv[1], int(sys.argv[2])
+engine.init_distributed()
+torch.manual_seed(0)
+cfg = models.get_config("tiny", vocab_size=257, padded_vocab_size=320)
+model = models.GPT(cfg)
+# torch's AdamW (torch_adam) avoids JIT-building DeepSpeed's fused op; the checkpoint format is the same.
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+      "zero_optimization": {"stage": stage},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+eng, _, _ = engine.initialize(model, model.parameters(), ds)
+for step in (1, 2):
+    x = torch.randint(0, 257, (2, 33))
+    eng.backward(eng(x[:, :-1]).float().logsumexp(-1).mean())
+    eng.step()
+    checkpoint.save(eng, out, step, {"step": step, "model_config": dataclasses.asdict(cfg), "tokenizer": "bytes"})
+    models.save(eng.module, f"{out}/reference_{step}")
+"""
+
+
+def make_run(run_dir: Path, stage: int) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", MAKE_CHECKPOINT, str(run_dir), str(stage)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("ds") / "run", stage=2)
+
+
+def same_weights(a: models.GPT, b: models.GPT) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_run_dir_checkpoint_and_tag_resolve_to_the_right_weights(run_dir):
+    latest = models.load(run_dir / "reference_2")
+    first = models.load(run_dir / "reference_1")
+    model, spec, info = load_model(run_dir)
+    assert spec == "bytes" and info["step"] == 2 and info["kind"] == "run-checkpoint"
+    assert same_weights(model, latest)
+    assert model.lm_head.weight is model.wte.weight  # tied head restored
+    for path in (run_dir / "checkpoints" / "step_0000001", run_dir / "step_0000001", run_dir / "1"):
+        model, _, info = load_model(path)
+        assert info["step"] == 1 and same_weights(model, first)
+
+
+def test_eval_ppl_on_a_run_dir_matches_the_model(run_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(pydoc_text(3000))
+    result = run_ppl(PplConfig(model_path=str(run_dir), text_file=str(text), context=64, stride=32, progress=False))
+    direct = perplexity(models.load(run_dir / "reference_2"), list(text.read_bytes()), 64, 32)
+    assert result["nll"] == pytest.approx(direct["nll"], rel=1e-9) and result["tokens"] == direct["tokens"]
+
+
+def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "step_0000002" / "COMPLETE").unlink()
+    model, _, info = load_model(copy)  # a run dir falls back to the newest complete checkpoint
+    assert info["step"] == 1
+    with pytest.raises(UserError, match="incomplete"):
+        load_model(copy / "checkpoints" / "step_0000002")
+    for ckpt in (copy / "checkpoints").glob("step_*"):
+        (ckpt / "COMPLETE").unlink(missing_ok=True)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        load_model(copy)
+
+
+def test_zero0_checkpoint_without_optimizer_shards(tmp_path):
+    run = make_run(tmp_path / "run0", stage=0)
+    model, spec, info = load_model(run)
+    assert info["step"] == 2 and same_weights(model, models.load(run / "reference_2"))
+
+
+@pytest.mark.slow
+def test_data_parallel_eval_equals_one_rank(files, tmp_path):
+    from trainer.dist import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["eval-ppl", "--model-path", str(files["consolidated"]), "--text-file", str(files["text"]),
+            "--context", "64", "--stride", "24", "--batch-size", "3", "--no-progress", "--json"]
+    one = subprocess.run([sys.executable, "-m", "trainer.cli", *args], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                          str(free_port()), "--module", "trainer.cli", *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    r1 = json.loads(one.stdout.strip().splitlines()[-1])
+    r2 = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][-1])
+    assert r2["world_size"] == 2 and r1["tokens"] == r2["tokens"]
+    assert r2["nll"] == pytest.approx(r1["nll"], rel=1e-9)
