@@ -342,3 +342,16 @@ def test_data_parallel_eval_equals_one_rank(files, tmp_path):
     r2 = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][-1])
     assert r2["world_size"] == 2 and r1["tokens"] == r2["tokens"]
     assert r2["nll"] == pytest.approx(r1["nll"], rel=1e-9)
+
+
+def test_init_from_copies_weights_across_vocab_padding(files):
+    from trainer.modelio import load_weights_into
+
+    target = models.GPT(models.get_config("tiny", vocab_size=257, padded_vocab_size=320))
+    load_weights_into(target, files["hf"])  # the HF export has 257 rows, this model 320
+    tokens = torch.randint(0, 257, (1, 30))
+    with torch.no_grad():
+        assert torch.allclose(target.eval()(tokens), files["model"](tokens), atol=1e-5)
+    assert target.wte.weight[257:].abs().sum() == 0
+    with pytest.raises(UserError, match="n_layer 2 vs 3"):
+        load_weights_into(models.GPT(models.get_config("tiny", vocab_size=257, n_layer=3)), files["hf"])
