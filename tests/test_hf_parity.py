@@ -19,7 +19,8 @@ def random_model(**overrides) -> GPT:
 
 @pytest.mark.parametrize("overrides, hf_class", [({}, "GPT2LMHeadModel"), (GPT25, "LlamaForCausalLM"),
                                                  ({**GPT25, "tie_embeddings": False}, "LlamaForCausalLM"),
-                                                 ({"padded_vocab_size": 576}, "GPT2LMHeadModel")])
+                                                 ({"padded_vocab_size": 576}, "GPT2LMHeadModel"),
+                                                 ({**GPT25, "rope_theta": 5e5, "norm_eps": 1e-6}, "LlamaForCausalLM")])
 def test_ours_to_hf_and_back(overrides, hf_class):
     model = random_model(**overrides)
     idx = torch.randint(0, 512, (2, 40))
@@ -30,18 +31,39 @@ def test_ours_to_hf_and_back(overrides, hf_class):
         assert (ours - theirs).abs().max().item() <= 1e-4
         back = hf.from_hf(hf_model, padded_vocab_size=model.config.padded_vocab_size)
         assert (back(idx) - ours).abs().max().item() <= 1e-4
+    assert hf_model.get_input_embeddings().weight.shape[0] == model.config.vocab_size  # pad rows dropped
+    assert back.config == model.config  # every field survives the trip (theta, eps, ffn_hidden, tying)
 
 
-def test_hf_gpt2_to_ours():
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_gpt2_to_ours(attn):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
     hf_model = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, vocab_size=300,
-                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+                                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0,
+                                          eos_token_id=0, attn_implementation=attn)).eval()
     model = hf.from_hf(hf_model)
     idx = torch.randint(0, 300, (1, 64))
     with torch.no_grad():
         assert (model(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_llama_to_ours(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    hf_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, attn_implementation=attn)).eval()
+    model = hf.from_hf(hf_model, padded_vocab_size=320)
+    assert (model.config.rope_theta, model.config.norm_eps, model.config.ffn_hidden) == (50000.0, 1e-6, 176)
+    idx = torch.randint(0, 300, (1, 64))
+    with torch.no_grad():
+        logits = model(idx)
+        assert logits.shape[-1] == 300 and (logits - hf_model(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_export_round_trips_through_save_pretrained(tmp_path):

@@ -49,6 +49,15 @@ def test_unknown_preset_and_field_list_the_valid_ones():
         get_config("tiny", n_head=5)
 
 
+@pytest.mark.parametrize("overrides, message", [({"rotary_dim": 7}, "rotary_dim"), ({"rotary_dim": 32}, "head dim 16"),
+                                                ({"norm": "batchnorm"}, "layernorm, rmsnorm"),
+                                                ({"mlp": "relu"}, "gelu, swiglu"), ({"pos_emb": "alibi"}, "learned, rope"),
+                                                ({"padded_vocab_size": 500}, "padded_vocab_size")])
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("tiny", **overrides)
+
+
 def test_config_round_trips_through_a_dict():
     import dataclasses
 
@@ -80,6 +89,15 @@ def test_init_is_gpt2s_and_deterministic():
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
     assert block.attn.c_attn.bias.abs().max() == 0 and torch.all(block.ln_1.weight == 1)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_gpt25_init_scales_its_residual_projections():
+    torch.manual_seed(0)
+    block = GPT(get_config("gpt25", n_layer=8, n_embd=256, n_head=4)).model.layers[0]
+    assert block.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+        assert proj.weight.std().item() == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
+    assert torch.all(block.input_layernorm.weight == 1)
 
 
 def test_padded_vocab_is_never_returned():
@@ -125,6 +143,15 @@ def test_kv_cache_greedy_decoding_matches_full_recompute(overrides):
         logits = model(cached[:, -1:], kv_cache=cache)
         full = torch.cat([full, model(full)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(cached, full)
+
+
+def test_kv_cache_refuses_to_overflow():
+    model = GPT(get_config("tiny")).eval()
+    cache = model.new_kv_cache(1, 8)
+    model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+    assert cache.length == 6
+    with pytest.raises(ValueError, match="holds 8"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
 
 
 def test_save_load_round_trip(tmp_path):
