@@ -199,5 +199,18 @@ def generate(json_output, **options):
     generate_module.run(generate_module.GenerateConfig(**options), json_output=json_output)
 
 
+@cli.command(context_settings={"show_default": True})
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", default="curves.png", help="Image to write (.png, .pdf, .svg).")
+@click.option("--x", "x", type=click.Choice(["step", "tokens"]), default="step",
+              help="x axis: optimizer steps, or tokens seen (compares runs with different batch sizes).")
+@click.option("--json", "json_output", is_flag=True, help="Print {out, runs, panels} as one JSON line.")
+def plot(runs, **options):
+    """Loss, val loss, lr and throughput curves of one or several runs side by side."""
+    from trainer import plot as plot_module
+
+    plot_module.run(list(runs), **options)
+
+
 if __name__ == "__main__":
     cli()

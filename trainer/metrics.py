@@ -115,7 +115,8 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 if self.tb is not None:
-                    self.tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"eval/{key}", value, step)
+                    group = "eval" if key.startswith(("val", "hellaswag")) else "train"
+                    self.tb.add_scalar(f"{group}/{key}", value, step)
         if self.tb is not None:
             self.tb.flush()
         if self.wandb is not None:

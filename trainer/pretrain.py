@@ -194,8 +194,9 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
         save_yaml(dataclasses.replace(cfg, seq_len=plan.seq_len, grad_accum=plan.grad_accum, max_steps=steps),
                   run_dir / "config.yaml")
         (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2))
-    writer = MetricsWriter(run_dir, enabled=dist.is_main() and cfg.tracking, wandb_project=cfg.wandb_project,
-                           config=cfg.to_dict())
+    # --no-tracking turns off TensorBoard and W&B; metrics.jsonl is part of the run directory and stays.
+    writer = MetricsWriter(run_dir, enabled=dist.is_main(), tensorboard=cfg.tracking,
+                           wandb_project=cfg.wandb_project if cfg.tracking else None, config=cfg.to_dict())
     flops_per_token = model.flops_per_token(plan.seq_len)
     peak, peak_source = peak_flops(torch.bfloat16 if ds_engine.precision(ds_config) == "bf16" else torch.float32) \
         if dist.is_main() else (0.0, "")
@@ -284,6 +285,10 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
             writer.log({"step": state["step"], "val_loss": last_val})
             if dist.is_main():
                 bar.write(f"step {state['step']}: val_loss {last_val:.4f}")
+        if cfg.hellaswag_every:  # periodic HellaSwag, logged like val loss (trainer/periodic.py)
+            from trainer.periodic import maybe_hellaswag
+
+            maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
 
         wants_stop = _agree_to_stop(stop, deadline, device)
         if wants_stop and not is_last:
