@@ -257,6 +257,11 @@ def runs(tmp_path_factory, small_data):
         jobs.append({"name": "wandb", "pretrain": [
             *SMALL, "--data", str(small_data), "--out", str(root / "runs" / "wandb"), "--max-steps", "2",
             "--micro-batch", "2", "--eval-every", "2", "--wandb-project", "recipes-test"]})
+    return drive(jobs, root), root
+
+
+def drive(jobs: list[dict], root: Path) -> dict:
+    """Run `jobs` with `_drive` in one fresh Python process (a plain single-rank launch); returns its results."""
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -267,7 +272,7 @@ def runs(tmp_path_factory, small_data):
                           timeout=900)
     if proc.returncode != 0 or not (root / "results.json").is_file():
         raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads((root / "results.json").read_text()), root
+    return json.loads((root / "results.json").read_text())
 
 
 def job(runs, name: str) -> dict:
