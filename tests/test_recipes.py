@@ -371,3 +371,23 @@ def test_wandb_offline_logs_beside_tensorboard(runs):
     history = offline[0].read_bytes()
     for key in (b"loss", b"val_loss", b"tokens_per_s", b"grad_norm"):
         assert key in history, key
+
+
+@pytest.mark.slow
+def test_two_gpu_recipe_as_published_on_two_ranks(small_data, tmp_path):
+    """The 2 x 24 GB recipe with its own launch line and DeepSpeed config (2 ranks, ZeRO-2 bf16,
+    activation checkpointing), tiny size: bf16 is slow on CPUs without native bf16, hence slow."""
+    from tests.test_pretrain import run_cli
+
+    stem = "gpt2-medium-fineweb-edu-2x24gb"
+    launch = comment_command(stem, "Launch")
+    gpus = int(option(launch, "--num_gpus"))
+    out = tmp_path / "run"
+    run_cli(["pretrain", "--config", f"configs/{stem}.yaml", *TINY_SIZE, "--seq-len", "64", "--micro-batch", "2",
+             "--global-batch", "8", "--max-steps", "3", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2",
+             "--data", str(small_data), "--out", str(out)], launcher=("deepspeed", gpus))
+    losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    config = (out / "config.yaml").read_text()
+    assert "ds_config: zero2_bf16" in config and "activation_checkpointing: true" in config
+    assert "grad_accum: 2" in config  # 8 = 2 ranks x 2 x 2
