@@ -48,6 +48,8 @@ def _given(**options) -> dict:
 @click.option("--max-tokens", type=int, help="Stop after this many training tokens.")
 @click.option("--epochs", type=float, help="Stop after this many passes over the training shards. [default: 1]")
 @click.option("--max-time", help="Wall-clock budget, e.g. 24h or 90m: save and stop before it ends.")
+@click.option("--stop-after-steps", type=click.IntRange(min=1),
+              help="Pause: save and exit after N steps of this invocation; the LR schedule still spans the whole run.")
 @click.option("--lr", type=float, help="Peak learning rate. [default: 6e-4]")
 @click.option("--min-lr", type=float, help="Final learning rate. [default: 6e-5]")
 @click.option("--warmup-steps", type=int, help="Linear warmup steps. [default: 100]")

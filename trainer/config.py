@@ -43,6 +43,7 @@ class TrainConfig:
     max_tokens: Optional[int] = None
     epochs: Optional[float] = None
     max_time: Optional[str] = None               # e.g. 24h, 90m, 3600s
+    stop_after_steps: Optional[int] = None       # pause: save and exit after N steps, schedule unchanged
     # optimisation
     lr: float = 6e-4
     min_lr: float = 6e-5

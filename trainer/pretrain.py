@@ -174,16 +174,20 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
         return lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=steps,
                      schedule=cfg.schedule, decay_frac=cfg.decay_frac) / cfg.lr
 
+    # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
+    resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    if resume_from is not None:
+        load_path, ds_config = checkpoint.prepare_resume(resume_from, world, ds_config, plan.global_batch)
     engine, _, scheduler = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds_config, lr_lambda)
     device = engine.device
     if cfg.compile:
         ds_engine.compile_model(engine)
 
     state = {"step": 0, "cursor": 0, "tokens": 0, "skipped_total": 0}
-    resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    client = checkpoint.load(engine, resume_from, load_path) if resume_from is not None else {}
+    state.update({k: client[k] for k in state if k in client})
+    steps_at_start = state["step"]  # --stop-after-steps counts from here
     if resume_from is not None:
-        client = checkpoint.load(engine, resume_from)
-        state.update({k: client[k] for k in state if k in client})
         dist.print0(f"resumed from {resume_from} at step {state['step']} ({state['tokens']:,} tokens seen)")
     elif cfg.resume == "auto" and checkpoint.checkpoints_dir(run_dir).is_dir() and any(
             checkpoint.checkpoints_dir(run_dir).glob("step_*")):
@@ -290,7 +294,8 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
 
             maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
 
-        wants_stop = _agree_to_stop(stop, deadline, device)
+        wants_stop = _agree_to_stop(stop, deadline, device) or (  # a pause: same schedule, resume later
+            cfg.stop_after_steps and state["step"] - steps_at_start >= cfg.stop_after_steps and "--stop-after-steps")
         if wants_stop and not is_last:
             stop_reason = wants_stop
             save()
