@@ -348,8 +348,9 @@ def test_max_time_saves_and_stops_before_the_run_ends(runs):
     result = entry["result"]
     assert result["stopped"] == "max-time reached"
     assert 0 < result["step"] < 100_000
-    # The budget counts from the start of run(); the loop stops at the first step boundary after it.
-    assert MAX_TIME_S <= entry["seconds"] < MAX_TIME_S + 5, entry["seconds"]
+    # The budget counts from the start of run(); the loop keeps room for its slowest step plus a save,
+    # so it has saved and stopped by the time the budget ends.
+    assert entry["seconds"] <= MAX_TIME_S + 0.5, entry["seconds"]
     run_dir = Path(result["run_dir"])
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == checkpoint.tag_for(result["step"]) and checkpoint.is_complete(run_dir / "checkpoints" / latest)

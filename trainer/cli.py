@@ -64,7 +64,7 @@ def _given(**options) -> dict:
               help="Recompute block activations in backward to save memory. [default: off]")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model. [default: off]")
 @click.option("--max-skips", type=int, help="Stop after this many consecutive non-finite steps. [default: 10]")
-@click.option("--eval-every", type=int, help="Validation loss every N steps (0 = only at the end). [default: 250]")
+@click.option("--eval-every", type=int, help="Validation loss every N steps and at the end (0 = never). [default: 250]")
 @click.option("--eval-batches", type=int, help="Validation batches per evaluation. [default: 20]")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (and always at the end). [default: 1000]")
 @click.option("--keep-last", type=int, help="Keep only the newest K complete checkpoints (0 = all). [default: 3]")

@@ -217,8 +217,14 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
                 "zero_stage": ds_engine.zero_stage(ds_config), "global_batch": plan.global_batch,
                 "seq_len": plan.seq_len}
 
+    # --max-time stops early enough for one more step and a save: the longest of each seen so far.
+    slowest = {"step": 0.0, "save": 0.0}
+
     def save() -> Path:
-        return checkpoint.save(engine, run_dir, state["step"], client_state(), keep_last=cfg.keep_last)
+        started = time.perf_counter()
+        path = checkpoint.save(engine, run_dir, state["step"], client_state(), keep_last=cfg.keep_last)
+        slowest["save"] = max(slowest["save"], time.perf_counter() - started)
+        return path
 
     stop = StopFlag()
     consecutive_skips = 0
@@ -230,6 +236,7 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
                desc="pretrain", unit="step")
     engine.train()
     while state["step"] < steps:
+        step_started = time.perf_counter()
         x, y = stream.local_batch(state["cursor"], rank, world)
         step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler moves on after it)
         step_loss = torch.zeros((), device=device)
@@ -294,7 +301,9 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
 
             maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
 
-        wants_stop = _agree_to_stop(stop, deadline, device) or (  # a pause: same schedule, resume later
+        slowest["step"] = max(slowest["step"], time.perf_counter() - step_started)
+        margin = slowest["step"] + slowest["save"]
+        wants_stop = _agree_to_stop(stop, deadline - margin if deadline else None, device) or (  # a pause: same schedule, resume later
             cfg.stop_after_steps and state["step"] - steps_at_start >= cfg.stop_after_steps and "--stop-after-steps")
         if wants_stop and not is_last:
             stop_reason = wants_stop
