@@ -1,0 +1,204 @@
+"""Resume on real DeepSpeed processes (tiny preset, CPU, gloo): exact resume, and resume under another
+ZeRO stage and rank count through DeepSpeed's universal checkpoint.
+
+The reference is one uninterrupted 2-rank ZeRO-2 bf16 run of 6 steps. A run paused with
+--stop-after-steps (same LR schedule) and resumed with --resume auto must reproduce its per-step
+loss, lr and grad norm bitwise; a checkpoint whose data cursor is reset must not (so the cursor
+restore is what makes it exact). Params and Adam moments are compared after each load by a probe
+that builds the engine the way pretrain does and dumps DeepSpeed's full fp32 views.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 6
+ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
+        "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7", "--global-batch", "8",
+        "--max-steps", str(STEPS), "--save-every", "3", "--keep-last", "0", "--no-tracking"]
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def launch(args, ranks=1, script=None, check=True):
+    """`trainer.cli` (or a script) on 1 rank with plain python or on N ranks with the deepspeed launcher."""
+    from trainer.dist import free_port
+
+    target = [script] if script else ["-m", "trainer.cli"]
+    if ranks == 1:
+        cmd = [sys.executable, *target, *args]
+    else:
+        module = [script] if script else ["--module", "trainer.cli"]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), *module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def pretrain(data, out, ds_config, ranks, *extra, check=True):
+    return launch(["pretrain", *ARGS, "--data", str(data), "--out", str(out), "--ds-config", ds_config, *extra],
+                  ranks=ranks, check=check)
+
+
+def records(run: Path) -> list[dict]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r  # a resumed run appends; the last record of a step wins
+    return [out[s] for s in sorted(out)]
+
+
+def curve(run: Path, key: str) -> list:
+    return [r[key] for r in records(run)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from trainer.convert import convert
+
+    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
+    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run: 2 ranks, ZeRO-2 bf16, 6 steps."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    pretrain(data, run, "zero2_bf16", 2)
+    assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
+    return run
+
+
+def test_paused_and_resumed_run_equals_uninterrupted_bitwise(data, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = pretrain(data, run, "zero2_bf16", 2, "--stop-after-steps", "2", "--json")
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+    assert result["stopped"] == "--stop-after-steps" and result["step"] == 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    proc = pretrain(data, run, "zero2_bf16", 2, "--resume", "auto")
+    assert f"resumed from {run / 'checkpoints' / 'step_0000002'} at step 2" in proc.stdout
+    for key in ("loss", "lr", "grad_norm"):
+        assert curve(run, key) == curve(reference, key), key  # bitwise: == on floats
+
+
+PROBE = textwrap.dedent('''
+    """Build the engine as pretrain does for CKPT under DS_CONFIG on this many ranks, load, dump fp32 views."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    import models
+    from trainer import checkpoint, dist, engine as ds_engine
+    from trainer.config import TrainConfig
+    from trainer.optim import param_groups
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    ckpt, ds_spec, out = Path(args[0]), args[1], args[2]
+    ds_engine.init_distributed()
+    client = torch.load(checkpoint.model_states_file(ckpt), map_location="cpu", weights_only=False)
+    cfg, world = TrainConfig(**client["train_config"]), dist.world_size()
+    accum = client["global_batch"] // (cfg.micro_batch * world)
+    ds = ds_engine.build_ds_config(ds_engine.load_ds_config(ds_spec), micro_batch=cfg.micro_batch, grad_accum=accum,
+                                   world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                   eps=cfg.eps, weight_decay=cfg.weight_decay)
+    load_path, ds = checkpoint.prepare_resume(ckpt, world, ds, client["global_batch"])
+    torch.manual_seed(12345)  # different init: everything must come from the checkpoint
+    model = models.GPT(models.ModelConfig(**client["model_config"]))
+    engine, _, scheduler = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds, lambda s: 1.0)
+    checkpoint.load(engine, ckpt, load_path)
+    # DeepSpeed links the per-parameter views of the Adam state lazily, at the first step; link them now.
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    dump = {"lr": scheduler.get_last_lr()[0]}
+    for name, p in engine.module.named_parameters():
+        dump[name] = [safe_get_full_fp32_param(p).float()] + [
+            safe_get_full_optimizer_state(p, k).float() for k in ("exp_avg", "exp_avg_sq")]
+    if dist.is_main():
+        torch.save(dump, out)
+''')
+
+
+def probe(ckpt: Path, ds_config: str, ranks: int, tmp_path: Path) -> dict:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    out = tmp_path / f"probe_{ckpt.name}_{ds_config}_{ranks}.pt"
+    launch([str(ckpt), ds_config, str(out)], ranks=ranks, script=str(script))
+    return torch.load(out, weights_only=False)
+
+
+def max_diff(a: dict, b: dict) -> dict:
+    assert a.keys() == b.keys()
+    worst = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    for name in a:
+        if name == "lr":
+            continue
+        for kind, x, y in zip(worst, a[name], b[name]):
+            worst[kind] = max(worst[kind], (x - y).abs().max().item())
+    return worst
+
+
+@pytest.mark.slow
+def test_zero2_two_ranks_to_zero1_one_rank_and_back(data, reference, tmp_path):
+    run = tmp_path / "run"
+    pretrain(data, run, "zero2_bf16", 2, "--stop-after-steps", "2")
+    proc = pretrain(data, run, "zero1_bf16", 1, "--stop-after-steps", "2")
+    assert "saved under ZeRO-2 bf16 on 2 ranks, resuming under ZeRO-1 bf16 on 1 rank" in proc.stdout
+    assert (run / "checkpoints" / "step_0000002" / "universal" / "COMPLETE").is_file()
+    proc = pretrain(data, run, "zero2_bf16", 2)
+    assert "saved under ZeRO-1 bf16 on 1 rank, resuming under ZeRO-2 bf16 on 2 ranks" in proc.stdout
+    assert curve(run, "lr") == curve(reference, "lr")
+    assert curve(run, "loss") == pytest.approx(curve(reference, "loss"), abs=1e-2)
+    assert curve(run, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=1e-2)
+    print("loss max diff vs uninterrupted:", max(abs(a - b) for a, b in zip(curve(run, "loss"), curve(reference, "loss"))))
+
+    # Params and Adam moments after each conversion equal those of a native load of the same checkpoint.
+    ckpts = run / "checkpoints"
+    for ckpt, native, native_ranks, other, other_ranks in (
+            (ckpts / "step_0000002", "zero2_bf16", 2, "zero1_bf16", 1),
+            (ckpts / "step_0000004", "zero1_bf16", 1, "zero2_bf16", 2)):
+        a, b = probe(ckpt, native, native_ranks, tmp_path), probe(ckpt, other, other_ranks, tmp_path)
+        diffs = max_diff(a, b)
+        print(ckpt.name, native, "->", other, diffs)
+        assert a["lr"] == b["lr"]
+        assert diffs == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+
+@pytest.mark.slow
+def test_resetting_the_data_cursor_breaks_exact_resume(data, reference, tmp_path):
+    """The control for the exact-resume test: same weights, optimizer, RNG and schedule, cursor back to 0."""
+    run = tmp_path / "run"
+    pretrain(data, run, "zero2_bf16", 2, "--stop-after-steps", "3")
+    states_file = run / "checkpoints" / "step_0000003" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, weights_only=False)
+    assert states["cursor"] == 24
+    states["cursor"] = 0
+    torch.save(states, states_file)
+    pretrain(data, run, "zero2_bf16", 2)
+    assert curve(run, "lr") == curve(reference, "lr")
+    assert curve(run, "loss")[:3] == curve(reference, "loss")[:3]
+    assert all(a != b for a, b in zip(curve(run, "loss")[3:], curve(reference, "loss")[3:]))
+
+
+@pytest.mark.slow
+def test_resume_errors_are_one_line(data, reference, tmp_path):
+    proc = pretrain(data, tmp_path / "x", "zero2_bf16", 1, "--resume", str(reference / "nope"), check=False)
+    assert proc.returncode != 0 and "Error: --resume" in proc.stderr and "Traceback" not in proc.stderr
+    proc = pretrain(data, tmp_path / "y", "zero0_bf16", 1, "--resume", str(reference), check=False)
+    assert proc.returncode != 0 and "does not cover ZeRO-0" in proc.stderr and "Traceback" not in proc.stderr
