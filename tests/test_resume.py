@@ -202,3 +202,16 @@ def test_resume_errors_are_one_line(data, reference, tmp_path):
     assert proc.returncode != 0 and "Error: --resume" in proc.stderr and "Traceback" not in proc.stderr
     proc = pretrain(data, tmp_path / "y", "zero0_bf16", 1, "--resume", str(reference), check=False)
     assert proc.returncode != 0 and "does not cover ZeRO-0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_zero0_resumes_on_another_rank_count_as_is(data, tmp_path):
+    """ZeRO-0 keeps the whole optimizer state on every rank: 2 ranks -> 1 rank needs no conversion."""
+    reference = tmp_path / "ref"
+    pretrain(data, reference, "zero0_bf16", 2)
+    run = tmp_path / "run"
+    pretrain(data, run, "zero0_bf16", 2, "--stop-after-steps", "3")
+    proc = pretrain(data, run, "zero0_bf16", 1)
+    assert "ZeRO-0 state is not partitioned, loading it as is" in proc.stdout
+    for key in ("loss", "lr", "grad_norm"):
+        assert curve(run, key) == curve(reference, key), key

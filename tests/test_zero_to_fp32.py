@@ -131,3 +131,18 @@ def test_gpt25_exports_to_llama_with_matching_logits(data, tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["hf_class"] == "LlamaForCausalLM" and summary["logits_max_abs_diff"] <= 1e-4
     print("llama export logits max abs diff:", summary["logits_max_abs_diff"])
+
+
+@pytest.mark.slow
+def test_zero0_bf16_exports_the_fp32_master_weights(data, tmp_path):
+    """ZeRO-0 bf16 has no ZeRO shards; the fp32 masters sit flat in the optimizer state, not in the module."""
+    from safetensors.torch import load_file
+
+    run = pretrain(data, tmp_path / "run0", 1, "--model", "tiny", "--ds-config", "zero0_bf16")
+    assert tool(run, tmp_path / "out").exit_code == 0
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    module = torch.load(run / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(written[k].bfloat16(), module[k]) for k in written)  # the masters round to the weights
+    assert any(not torch.equal(written[k], module[k].float()) for k in written)  # and carry more than bf16
+    model = models.load(tmp_path / "out")
+    assert model.lm_head.weight is model.wte.weight

@@ -317,10 +317,44 @@ def consolidated_state_dict(ckpt: Path) -> tuple[dict, dict]:
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+        state.update(_zero0_fp32_master(states, client_state) or {})
     for alias, source in (states.get("shared_params") or {}).items():
         if alias not in state and source in state:
             state[alias] = state[source]
     return state, client_state
+
+
+def _zero0_fp32_master(states: dict, client_state: dict) -> Optional[dict]:
+    """ZeRO-0 bf16/fp16 keeps the fp32 master weights as one flat tensor per optimizer param group
+    (FP16_Optimizer's fp32_groups_flat), not in the 16-bit module weights: unflatten them by the
+    parameter order of trainer.optim.param_groups, which built those groups. None if that does not fit."""
+    flats = (states.get("optimizer") or {}).get("fp32_groups_flat")
+    if not flats or "model_config" not in client_state:
+        return None
+    import models
+    from trainer.optim import param_groups
+
+    with torch.device("meta"):
+        model = models.GPT(models.ModelConfig(**client_state["model_config"]))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [g for g in param_groups(model, 0.0)]
+    if len(groups) != len(flats):
+        return None
+    out = {}
+    for group, flat in zip(groups, flats):
+        offset = 0
+        for param in group["params"]:
+            n = param.numel()
+            if offset + n > flat.numel():
+                return None
+            out[names[id(param)]] = flat[offset:offset + n].view(param.shape).float().clone()
+            offset += n
+        if offset != flat.numel():
+            return None
+    for name, tensor in model.state_dict(keep_vars=True).items():  # tied aliases (lm_head) follow their source
+        if name not in out and names.get(id(tensor)) in out:
+            out[name] = out[names[id(tensor)]]
+    return out
 
 
 # ---- locating and checking a checkpoint for export (tools/zero_to_fp32.py) ------------------------------
