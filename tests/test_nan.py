@@ -1,0 +1,137 @@
+"""Non-finite steps: skipped on all ranks and counted, then a rollback past the bad data, then a bounded stop.
+
+The test hook lives here, not in production code: a dataset whose windows for chosen steps start with
+byte 0xFF (never in UTF-8 text, so nowhere else in the corpus), and `--init-from` a model whose
+(untied) embedding row for that byte is NaN. Exactly the batches holding it produce a NaN loss and
+NaN gradients; every other batch never reads that row, so training elsewhere is normal.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_faults import _remove_shm_buffers, data, logged, pretrain_args, run  # noqa: F401 (fixtures)
+from trainer import checkpoint, recovery
+from trainer.errors import UserError
+
+POISON = 255
+GLOBAL_BATCH, SEQ, SEED = 8, 64, 7  # as in tests/test_faults.ARGS
+NAN_ARGS = ["--max-steps", "10", "--set", "tie_embeddings=false"]
+
+
+def poisoned(data_dir, out, steps) -> tuple:
+    """(dataset, model dir): the dataset's windows for `steps` (1-based) contain POISON; the model's row is NaN."""
+    import models
+    from trainer.data import Dataset, TrainStream, write_shard
+
+    dataset_dir = out / "data"
+    shutil.copytree(data_dir, dataset_dir)
+    dataset = Dataset.open(dataset_dir)
+    stream = TrainStream(dataset, SEQ, GLOBAL_BATCH, SEED)
+    shards = [np.array(s) for s in dataset.train_shards]
+    for step in steps:
+        for sample in range((step - 1) * GLOBAL_BATCH, step * GLOBAL_BATCH):
+            window = stream.sample(sample)
+            for shard in shards:  # find the window in its shard by content (the stream's own mapping)
+                hits = np.flatnonzero(shard[:-SEQ] == window[0])
+                hit = next((h for h in hits if h % SEQ == 0 and np.array_equal(shard[h:h + SEQ + 1], window)), None)
+                if hit is not None:
+                    shard[hit + SEQ // 2] = POISON
+                    break
+            else:
+                raise AssertionError(f"window of sample {sample} not found")
+    for path, tokens in zip(sorted(dataset_dir.glob("train_*.bin")), shards):
+        write_shard(path, tokens, vocab_size=dataset.vocab_size)  # same token counts: meta.json stays valid
+    check = TrainStream(Dataset.open(dataset_dir), SEQ, GLOBAL_BATCH, SEED)
+    assert all(POISON in check.local_batch((s - 1) * GLOBAL_BATCH, 0, 1)[0] for s in steps)
+    assert POISON not in check.local_batch(max(steps) * GLOBAL_BATCH, 0, 1)[0]
+    torch.manual_seed(0)
+    model = models.GPT(models.get_config("tiny", vocab_size=dataset.vocab_size, padded_vocab_size=320,
+                                         tie_embeddings=False))
+    with torch.no_grad():
+        model.transformer.wte.weight[POISON] = float("nan")
+    models.save(model, out / "model")
+    return dataset_dir, out / "model"
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(data, tmp_path):
+    dataset, model = poisoned(data, tmp_path, steps=[5, 6])
+    run_dir = tmp_path / "run"
+    proc = run(pretrain_args(dataset, run_dir, *NAN_ARGS, "--init-from", str(model), "--max-skips", "2",
+                             "--save-every", "1", "--keep-last", "0", "--json"))
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+    records = logged(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10]  # step 6 ran again after the rollback
+    bad = records[4:6]
+    assert all(np.isnan(r["loss"]) for r in bad) and [r["skipped"] for r in bad] == [1, 2]  # counted
+    assert bad[0]["lr"] == bad[1]["lr"] == records[6]["lr"]  # a skipped step does not move the schedule
+    assert all(np.isfinite(r["loss"]) for r in records[:4] + records[6:])
+    assert "step 5: non-finite gradients, update skipped on all ranks" in proc.stdout
+    assert "rolled back to step_0000005 (rollback 1 of at most 3) after 2 non-finite steps" in proc.stdout
+    assert result["step"] == 10 and result["skipped"] == 2 and np.isfinite(result["loss"])
+    # The skipped step left the weights alone: step 5's checkpoint holds step 4's weights, bit for bit.
+    w4, c4 = checkpoint.consolidated_state_dict(run_dir / "checkpoints" / "step_0000004")
+    w5, c5 = checkpoint.consolidated_state_dict(run_dir / "checkpoints" / "step_0000005")
+    assert all(same(w4[k], w5[k]) for k in w4)
+    # The rollback skipped the offending window (samples 40-47, step 6's batch): 8 samples more were read.
+    final = checkpoint.read_marker(run_dir / "checkpoints" / "step_0000010")
+    assert final["cursor"] == 10 * GLOBAL_BATCH + GLOBAL_BATCH and final["tokens"] == 10 * GLOBAL_BATCH * SEQ
+
+
+@pytest.mark.slow
+def test_rollbacks_are_bounded(data, tmp_path):
+    dataset, model = poisoned(data, tmp_path, steps=range(5, 14))
+    run_dir = tmp_path / "run"
+    proc = run(pretrain_args(dataset, run_dir, *NAN_ARGS, "--init-from", str(model), "--max-skips", "2",
+                             "--max-rollbacks", "2", "--save-every", "2"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors and "after 2 rollback(s) (limit --max-rollbacks 2)" in errors[0]
+    assert proc.stdout.count("rolled back to step_0000004") == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    assert recovery.damage(run_dir / "checkpoints" / "step_0000004") is None
+
+
+# ---- roll_back's decisions, without DeepSpeed -----------------------------------------------------------
+
+class _Cfg:
+    max_skips, max_rollbacks = 2, 1
+
+
+def _fake_checkpoint(run_dir, step, cursor):
+    ckpt = run_dir / "checkpoints" / checkpoint.tag_for(step)
+    ckpt.mkdir(parents=True)
+    torch.save({"step": step}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / checkpoint.MARKER).write_text(json.dumps({"step": step, "cursor": cursor, "world_size": 1,
+                                                      "files": ["mp_rank_00_model_states.pt"]}))
+    return ckpt
+
+
+def test_roll_back_picks_the_newest_sound_checkpoint_not_after_the_current_step(tmp_path, monkeypatch):
+    _fake_checkpoint(tmp_path, 2, 16)
+    sound = _fake_checkpoint(tmp_path, 4, 32)
+    damaged = _fake_checkpoint(tmp_path, 6, 48)
+    (damaged / "mp_rank_00_model_states.pt").write_bytes(b"")
+    _fake_checkpoint(tmp_path, 9, 72)  # from a later trajectory: never "back"
+    loaded = []
+    monkeypatch.setattr(checkpoint, "load", lambda engine, ckpt, path=None: loaded.append(ckpt) or
+                        {"step": int(ckpt.name[5:]), "tokens": 99, "cursor": 32})
+    monkeypatch.setattr(checkpoint, "saved_layout", lambda ckpt: {})
+    monkeypatch.setattr(checkpoint, "engine_layout", lambda engine: {})
+    state = {"step": 8, "cursor": 64, "tokens": 4096}
+    assert recovery.roll_back(object(), tmp_path, state, _Cfg, 2) == sound and loaded == [sound]
+    assert state == {"step": 4, "cursor": 64, "tokens": 99, "rollbacks": 1}
+    with pytest.raises(UserError, match=r"after 1 rollback\(s\) \(limit --max-rollbacks 1\)"):
+        recovery.roll_back(object(), tmp_path, state, _Cfg, 2)
+
+
+def test_roll_back_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(UserError, match="no complete checkpoint to roll back to yet .*--save-every"):
+        recovery.roll_back(object(), tmp_path, {"step": 3, "cursor": 24, "tokens": 0}, _Cfg, 2)
