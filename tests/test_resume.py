@@ -84,6 +84,17 @@ def reference(data, tmp_path_factory):
     return run
 
 
+def test_resuming_a_mid_run_checkpoint_equals_uninterrupted_bitwise(data, reference, tmp_path):
+    """The default-run check (one launch): continue the reference's step-3 checkpoint in a new run dir."""
+    run = tmp_path / "run"
+    proc = pretrain(data, run, "zero2_bf16", 2, "--resume", str(reference / "checkpoints" / "step_0000003"))
+    assert "at step 3" in proc.stdout
+    assert [r["step"] for r in records(run)] == [4, 5, 6]
+    for key in ("loss", "lr", "grad_norm"):
+        assert curve(run, key) == curve(reference, key)[3:], key  # bitwise: == on floats
+
+
+@pytest.mark.slow
 def test_paused_and_resumed_run_equals_uninterrupted_bitwise(data, reference, tmp_path):
     run = tmp_path / "run"
     proc = pretrain(data, run, "zero2_bf16", 2, "--stop-after-steps", "2", "--json")

@@ -94,6 +94,33 @@ def config_layout(world_size: int, ds_config: dict) -> dict:
             "precision": ds_engine.precision(ds_config), "offload": ds_engine.offloads_optimizer(ds_config)}
 
 
+def _report_write_errors(engine) -> None:
+    """Make DeepSpeed's torch.save writes fail with an OSError naming the file and the cause.
+
+    torch.save to a path writes through a C++ stream, so a full disk or a file-size limit surfaces as
+    a bare RuntimeError ("unexpected pos ..."). Writing through a Python file object keeps the
+    OSError (errno, "No space left on device") as the RuntimeError's context; we re-raise that.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is not TorchCheckpointEngine or getattr(ce, "_reports_write_errors", False):
+        return  # another engine (Nebula, async) writes its own way
+
+    def save(state_dict, path: str):
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
+        except RuntimeError as e:
+            cause = e.__context__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror, str(path)) from e
+            raise
+
+    ce.save = save
+    ce._reports_write_errors = True
+
+
 def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> Path:
     """Write a checkpoint on all ranks; returns its directory once it is complete everywhere."""
     root = checkpoints_dir(run_dir)
@@ -103,6 +130,7 @@ def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> 
         # A leftover from a crash during an earlier save of this same step: never half-trust it.
         shutil.rmtree(ckpt)
     dist.barrier()
+    _report_write_errors(engine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rng_dir = ckpt / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
@@ -110,13 +138,15 @@ def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> 
     dist.barrier()
     if dist.is_main():
         marker = {"step": step, **engine_layout(engine),
-                  **{k: client_state[k] for k in ("global_batch", "seq_len", "tokens", "cursor") if k in client_state},
+                  **{k: client_state[k] for k in ("global_batch", "seq_len", "tokens", "cursor", "model_config")
+                     if k in client_state},
                   "files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())}
         _atomic_write(ckpt / MARKER, json.dumps(marker, indent=1))
         _atomic_write(root / LATEST, tag + "\n")
         if keep_last and keep_last > 0:
             # Only now, with the new checkpoint complete, may older complete ones go.
             for old in complete_checkpoints(run_dir)[:-keep_last]:
+                (old / MARKER).unlink(missing_ok=True)  # first: a kill mid-delete leaves an incomplete dir
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return ckpt
@@ -192,6 +222,25 @@ def prepare_resume(ckpt: Path, world_size: int, ds_config: dict, global_batch: O
     ds_config = json.loads(json.dumps(ds_config))
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return universal, ds_config
+
+
+def check_model(ckpt: Path, model_config: dict) -> None:
+    """Refuse, naming the fields, to resume a checkpoint of another architecture into this model.
+
+    DeepSpeed would otherwise fail deep inside load_state_dict with a tensor-shape message (or, for a
+    change that keeps shapes such as `rope_theta`, silently train a different model).
+    """
+    ckpt = Path(ckpt)
+    saved = read_marker(ckpt).get("model_config")
+    run_file = ckpt.parent.parent / "model_config.json"
+    if saved is None and run_file.is_file():  # checkpoints written before the marker recorded it
+        saved = json.loads(run_file.read_text())
+    if saved is None:
+        return
+    differ = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in model_config.items() if saved.get(k, v) != v]
+    if differ:
+        raise UserError(f"checkpoint {ckpt} holds another model: {', '.join(differ)}; resume with the model it was "
+                        f"trained with, or start a new run from its weights with --init-from (same shapes only)")
 
 
 def _prepare_stage0(ckpt: Path, saved: dict, now: dict, ds_config: dict) -> tuple[Path, dict]:

@@ -63,7 +63,9 @@ def _given(**options) -> dict:
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
               help="Recompute block activations in backward to save memory. [default: off]")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model. [default: off]")
-@click.option("--max-skips", type=int, help="Stop after this many consecutive non-finite steps. [default: 10]")
+@click.option("--max-skips", type=int, help="Roll back after this many consecutive non-finite steps. [default: 10]")
+@click.option("--max-rollbacks", type=click.IntRange(min=0),
+              help="Reload the last checkpoint and skip the bad data at most N times, then stop. [default: 3]")
 @click.option("--eval-every", type=int, help="Validation loss every N steps and at the end (0 = never). [default: 250]")
 @click.option("--eval-batches", type=int, help="Validation batches per evaluation. [default: 20]")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (and always at the end). [default: 1000]")

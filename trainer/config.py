@@ -58,7 +58,8 @@ class TrainConfig:
     seed: int = 1337
     activation_checkpointing: bool = False
     compile: bool = False
-    max_skips: int = 10                          # consecutive non-finite steps before giving up
+    max_skips: int = 10                          # consecutive non-finite steps before a rollback
+    max_rollbacks: int = 3                       # rollbacks to the last checkpoint before giving up
     # cadence
     eval_every: int = 250
     eval_batches: int = 20
@@ -115,6 +116,11 @@ def resolve(yaml_path: Optional[str], flags: dict) -> TrainConfig:
 def validate(c: TrainConfig) -> None:
     from trainer.optim import SCHEDULES
 
+    for name in ("lr", "min_lr", "epochs", "weight_decay", "grad_clip", "beta1", "beta2", "eps", "decay_frac"):
+        value = getattr(c, name)  # NaN / inf / a YAML string would otherwise crash later or train on garbage
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not abs(value) < float("inf")):
+            raise UserError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
     positive = ("micro_batch", "grad_accum", "global_batch", "global_batch_tokens", "max_steps", "max_tokens",
                 "seq_len", "eval_batches", "log_every", "save_every", "eval_every", "keep_last")
     for name in positive:

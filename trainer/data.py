@@ -122,14 +122,19 @@ class Dataset:
         for key in ("tokenizer", "vocab_size", "eot_id"):
             if key not in meta:
                 raise UserError(f"{meta_file} lacks '{key}'; re-create the dataset with tools/convert_shards.py")
-        vocab = int(meta["vocab_size"])
+        try:  # a hand-edited or damaged meta.json: name it, instead of a TypeError further down
+            vocab = int(meta["vocab_size"])
+            int(meta["eot_id"])
+            recorded = {s["name"]: int(s["tokens"]) for s in meta.get("shards") or []}
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{meta_file} is malformed ({type(e).__name__}: {e}); re-create the dataset with "
+                            "tools/convert_shards.py")
         if expect_vocab_size is not None and expect_vocab_size != vocab:
             raise UserError(f"dataset {path} has vocab size {vocab} but {expect_vocab_size} was expected")
         train = [read_shard(p, vocab) for p in sorted(path.glob("train_*.bin"))]
         val = [read_shard(p, vocab) for p in sorted(path.glob("val_*.bin"))]
         if not train:
             raise UserError(f"{path} has no train_*.bin shards")
-        recorded = {s["name"]: s["tokens"] for s in meta.get("shards", [])}
         for name, count in recorded.items():
             actual = read_header(path / name)[1] if (path / name).is_file() else None
             if actual != count:

@@ -34,14 +34,16 @@ def gpu_peak_tflops(name: str) -> Optional[float]:
 def measure_matmul_tflops(dtype=torch.bfloat16, size: int = 1024, seconds: float = 0.5) -> float:
     """Best sustained matmul TFLOP/s of this process on CPU, with its current thread count.
 
-    Both `torch.mm` and `F.linear` are timed and the faster one counts: on CPUs without native bf16
-    they take different oneDNN paths (measured ~1 vs ~15 GFLOP/s in bf16 here), and the peak
-    must be the best this machine can do, or MFU would read above 100%.
+    `torch.mm` in each operand layout and `F.linear` are timed and the fastest counts: on CPUs
+    without native bf16 they take different kernels (measured here in bf16: mm ~1 GFLOP/s with both
+    operands row-major, ~20-24 with one transposed, F.linear ~10-15), and the peak must be the best
+    this machine can do, or MFU would read above 100%.
     """
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     best = 0.0
-    for op in (torch.mm, torch.nn.functional.linear):
+    for op in (torch.mm, lambda x, y: torch.mm(x, y.t()), lambda x, y: torch.mm(x.t(), y),
+               torch.nn.functional.linear):
         op(a, b)  # warm-up: oneDNN picks its kernel on the first call
         start = time.perf_counter()
         while time.perf_counter() - start < seconds / 2:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from trainer import checkpoint, dist, engine as ds_engine
+from trainer import checkpoint, dist, engine as ds_engine, recovery
 from trainer.config import TrainConfig, parse_duration, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
 from trainer.errors import UserError
@@ -175,8 +175,9 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
                      schedule=cfg.schedule, decay_frac=cfg.decay_frac) / cfg.lr
 
     # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
-    resume_from = checkpoint.find_resume(run_dir, cfg.resume)
+    resume_from = recovery.find_resume(run_dir, cfg.resume)  # skips (and names) damaged checkpoints
     if resume_from is not None:
+        checkpoint.check_model(resume_from, dataclasses.asdict(model_cfg))
         load_path, ds_config = checkpoint.prepare_resume(resume_from, world, ds_config, plan.global_batch)
     engine, _, scheduler = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds_config, lr_lambda)
     device = engine.device
@@ -222,7 +223,7 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
 
     def save() -> Path:
         started = time.perf_counter()
-        path = checkpoint.save(engine, run_dir, state["step"], client_state(), keep_last=cfg.keep_last)
+        path = recovery.save(engine, run_dir, state["step"], client_state(), keep_last=cfg.keep_last)
         slowest["save"] = max(slowest["save"], time.perf_counter() - started)
         return path
 
@@ -285,11 +286,15 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
             dist.print0(f"step {state['step']}: non-finite gradients, update skipped on all ranks "
                         f"({consecutive_skips} in a row, {state['skipped_total']} in total)")
             if consecutive_skips >= cfg.max_skips:
-                bar.close()
-                writer.close()
-                raise UserError(f"{consecutive_skips} consecutive steps had non-finite loss or gradients "
-                                f"(limit --max-skips {cfg.max_skips}); the last complete checkpoint is intact. "
-                                "Lower --lr, raise --warmup-steps or check the data, then resume")
+                try:  # back to the last good checkpoint, past the offending data; or stop (trainer/recovery.py)
+                    recovery.roll_back(engine, run_dir, state, cfg, consecutive_skips)
+                except UserError:
+                    bar.close()
+                    writer.close()
+                    raise
+                consecutive_skips = 0
+                bar.n = state["step"]
+                continue  # no eval or save of the step just restored
 
         if cfg.eval_every and (state["step"] % cfg.eval_every == 0 or is_last):
             last_val = evaluate(engine, val, cfg.eval_batches, device)
