@@ -66,9 +66,20 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
 def cmd_engine(args) -> None:
     from trainer import engine
 
+    import torch
+
+    from trainer import dist
+
     engine.init_distributed()
     for stage in [int(s) for s in args.stages.split(",")]:
-        print("MEMORY " + json.dumps(engine_bytes(stage, args.precision)), flush=True)
+        report = engine_bytes(stage, args.precision)
+        reports = [report]
+        if dist.world_size() > 1:  # rank 0 prints them all: ranks writing to one pipe can interleave a line
+            reports = [None] * dist.world_size()
+            torch.distributed.all_gather_object(reports, report)
+        if dist.is_main():
+            for r in reports:
+                print("MEMORY " + json.dumps(r), flush=True)
 
 
 ACTIVATION_CASES = (
