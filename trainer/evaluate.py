@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import dist
+from trainer import dist, hostmem
 from trainer.errors import UserError
 from trainer.loss import IGNORE_INDEX, lm_loss
 
@@ -217,6 +217,8 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
     if len(sources) != 1:
         raise UserError("give exactly one of --data DIR, --text-file FILE, --hf-dataset NAME")
     device = setup_device(cfg.device)
+    if device.type == "cpu":
+        hostmem.keep_freed_memory()
     dtype = resolve_dtype(cfg.dtype, device)
     model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
     context = cfg.context or model.config.block_size

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from trainer import checkpoint, dist, engine as ds_engine, recovery
+from trainer import checkpoint, dist, engine as ds_engine, hostmem, recovery
 from trainer.config import TrainConfig, parse_duration, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
 from trainer.errors import UserError
@@ -148,6 +148,8 @@ def evaluate(engine, val: ValStream, n_batches: int, device) -> float:
 def run(cfg: TrainConfig, json_output: bool = False) -> dict:
     ds_engine.init_distributed()
     rank, world = dist.rank(), dist.world_size()
+    if ds_engine.device().type == "cpu":
+        hostmem.keep_freed_memory()
     run_dir = Path(cfg.out)
     dataset = open_dataset(cfg)
     model_cfg = build_model_config(cfg, dataset)
