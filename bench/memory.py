@@ -27,7 +27,6 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
 
     from models import GPT, get_config
     from trainer import engine, memory
-    from trainer.loss import lm_loss
     from trainer.optim import param_groups
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,7 +42,7 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
 
     def forward_backward():
-        loss = lm_loss(eng(x), x)
+        loss = eng(x, x)
         eng.backward(loss)
 
     forward_backward()
@@ -119,7 +118,6 @@ def cmd_gpu(args) -> None:
 
     from models import GPT
     from trainer import engine, memory
-    from trainer.loss import lm_loss
     from trainer.optim import param_groups
 
     if not torch.cuda.is_available():
@@ -135,8 +133,7 @@ def cmd_gpu(args) -> None:
     x = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), device=engine.device())
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
-        logits = eng(x)
-        eng.backward(lm_loss(logits, x))
+        eng.backward(eng(x, x))
         eng.step()
     est = memory.estimate(args.model, base, gpus=1, micro_batch=args.micro_batch, seq_len=args.seq_len,
                           activation_checkpointing=args.activation_checkpointing, gpu_memory_gb=80)

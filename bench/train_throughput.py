@@ -7,11 +7,13 @@
 Both models run in the same process through the same code: the DeepSpeed JSON given by --ds-config
 merged by `trainer.engine.build_ds_config`, `trainer.engine.initialize`, batches from
 `trainer.data.TrainStream` (a synthetic dataset of random tokens, or --data DIR), and the training
-loop's idiom `engine(x)` -> `trainer.loss.lm_loss` -> `engine.backward` -> `engine.step`. "ours" is
-`models.GPT` with the padded vocabulary the trainer uses; "hf" is `transformers.GPT2LMHeadModel`
-(or `LlamaForCausalLM` for GPT-2.5 presets) built from `models.hf.hf_config(cfg)` behind a forward
-adapter that returns logits. Each model is timed over --steps optimizer steps after --warmup steps,
---repeats times; the best window counts (the machine may be shared, noise only ever slows a window).
+loop's idiom `engine(x, y)` -> `engine.backward` -> `engine.step`. "ours" is `models.GPT` with the
+padded vocabulary the trainer uses, computing its loss itself (models/loss.py); "hf" is
+`transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for GPT-2.5 presets) built from
+`models.hf.hf_config(cfg)` behind an adapter that scores its logits with the same loss
+(`trainer.loss.lm_loss`, fp32 cross-entropy). Each model is timed over --steps optimizer steps after
+--warmup steps, --repeats times; the best window counts (the machine may be shared, noise only ever
+slows a window). On CPU both run with trainer/hostmem.py's malloc setting, as training does.
 
 MFU = tokens/s x flops_per_token (PaLM formula, unpadded vocabulary, the same figure for both) over
 the peak of all ranks: on GPU the datasheet table in trainer/metrics.py; on CPU a matmul peak of the
@@ -90,14 +92,16 @@ def model_config(args):
 
 
 class HFForward(torch.nn.Module):
-    """A transformers causal LM behind our forward contract: idx -> logits."""
+    """A transformers causal LM behind our forward contract: (idx, targets) -> our loss of its logits."""
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, idx):
-        return self.hf(input_ids=idx, use_cache=False).logits
+    def forward(self, idx, targets):
+        from trainer.loss import lm_loss
+
+        return lm_loss(self.hf(input_ids=idx, use_cache=False).logits, targets)
 
 
 def build_model(impl: str, cfg, activation_checkpointing: bool):
@@ -167,7 +171,6 @@ def device_peak(dtype_name: str, device) -> tuple[float, str]:
 
 def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
     from trainer import dist, engine as ds_engine
-    from trainer.loss import lm_loss
     from trainer.optim import param_groups
 
     rank, world = dist.rank(), dist.world_size()
@@ -187,9 +190,7 @@ def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
         for i in range(grad_accum):
             xb = x[i * mb:(i + 1) * mb].to(device, non_blocking=True)
             yb = y[i * mb:(i + 1) * mb].to(device, non_blocking=True)
-            logits = engine(xb)
-            loss = lm_loss(logits, yb)
-            del logits
+            loss = engine(xb, yb)
             engine.backward(loss)
             engine.step()
         cursor += stream.global_batch

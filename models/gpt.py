@@ -1,6 +1,8 @@
 """GPT: one model for GPT-2 and GPT-2.5; components are picked from the ModelConfig.
 
     logits = model(idx)                       # (B, T, vocab_size); padded vocab rows never returned
+    loss = model(idx, targets)                # mean next-token cross-entropy, no fp32 logits held
+    nll = model(idx, targets, reduction="none")  # (B, T) per-token losses (evaluation)
     cache = model.new_kv_cache(batch_size, max_len)
     logits = model(prompt, kv_cache=cache)    # fills the cache, positions 0..T-1
     logits = model(next_token, kv_cache=cache)  # one step at position cache.length
@@ -16,7 +18,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
-from models.layers import MLP, CausalSelfAttention, SwiGLU, make_norm, rope_cache
+from models.layers import MLP, CausalSelfAttention, LMHead, SwiGLU, make_norm, rope_cache
 
 
 class KVCache:
@@ -90,7 +92,7 @@ class GPT(nn.Module):
             self.transformer.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
             self.transformer.ln_f = make_norm(c)
         self.drop = nn.Dropout(c.dropout)
-        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(c.n_embd, c.padded_vocab_size, c.vocab_size)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if c.rotary_dim:
@@ -177,7 +179,9 @@ class GPT(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim,
                        device or weight.device, dtype or weight.dtype)
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, kv_cache: KVCache = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab_size); or, given targets (B, T), the loss (models.loss, `reduction`)."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -197,7 +201,4 @@ class GPT(nn.Module):
                 x = block(x, rope, cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.norm_f(x))
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., :self.config.vocab_size]
-        return logits
+        return self.lm_head(self.norm_f(x), targets, reduction)

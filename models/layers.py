@@ -1,12 +1,14 @@
 """Building blocks: norms, rotary embeddings, causal self-attention, and the two MLPs.
 
-Norms compute in fp32 whatever the activation dtype (bf16 statistics over 1024+ channels lose
+The LM head computes the loss itself when given targets (models/loss.py). Norms compute in fp32 whatever the activation dtype (bf16 statistics over 1024+ channels lose
 precision) and cast back. RoPE uses the rotate-half layout, which is what HF Llama uses, so
 GPT-2.5 weights map to LlamaForCausalLM without permuting q/k.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.loss import linear_cross_entropy
 
 
 class LayerNorm(nn.Module):
@@ -136,3 +138,21 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LMHead(nn.Linear):
+    """The output projection over the padded vocabulary. Without targets it returns logits over the real
+    vocabulary (pad columns are never returned, so never sampled); with targets it returns the loss
+    straight from its input (models.loss.linear_cross_entropy), so a training step never holds fp32
+    logits. The loss is computed inside this module's forward so that ZeRO-3, which gathers a
+    module's parameters around its forward, has the weight whole."""
+
+    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int):
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x, targets=None, reduction: str = "mean"):
+        if targets is not None:
+            return linear_cross_entropy(x, self.weight, targets, reduction, vocab_size=self.vocab_size)
+        logits = F.linear(x, self.weight)
+        return logits[..., :self.vocab_size] if self.vocab_size != self.out_features else logits

@@ -5,7 +5,7 @@ windows of at most `context` tokens start every `stride` tokens; each window sco
 tokens the previous window did not (so every token after the first is scored exactly once, with
 as much left context as the window allows), and the first token of a window is never scored
 because nothing predicts it (the guide's fix for the first window). stride == context gives
-non-overlapping blocks. The loss is trainer.loss.lm_loss, the function training minimises.
+non-overlapping blocks. The loss is the model's own, `model(x, y)` (models/loss.py), the function training minimises.
 Results are token-weighted: nll = total NLL / scored tokens, ppl = exp(nll); bits per byte =
 total NLL / ln 2 / UTF-8 bytes of the text (comparable across tokenizers); word-level
 perplexity = exp(total NLL / whitespace-separated words), as the GPT-2 paper reports.
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from trainer import dist, hostmem
 from trainer.errors import UserError
-from trainer.loss import IGNORE_INDEX, lm_loss
+from trainer.loss import IGNORE_INDEX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIKITEXT_DEFAULT_CONFIG = "wikitext-103-raw-v1"
@@ -115,9 +115,7 @@ def window_nlls(model, tokens: torch.Tensor, windows, batch_size: int, device, p
         for r, i in enumerate(batch):
             begin, _, first = windows[i]
             y[r, :first - begin - 1] = IGNORE_INDEX  # already scored by the previous window
-        logits = model(x.to(device, non_blocking=True))
-        losses = lm_loss(logits, y.to(device), reduction="none").double().cpu()
-        del logits
+        losses = model(x.to(device, non_blocking=True), y.to(device), reduction="none").double().cpu()
         nll[batch] = losses.sum(dim=1)
         count[batch] = (y != IGNORE_INDEX).sum(dim=1).double()
         bar.update(1)
@@ -341,7 +339,7 @@ def hellaswag_rows(tokenizer, example: HellaSwagExample, block_size: int):
 
 @torch.no_grad()
 def score_example(model, tokenizer, example: HellaSwagExample, device) -> tuple[list, list]:
-    """(summed loss, mean loss) over each ending's tokens, with lm_loss."""
+    """(summed loss, mean loss) over each ending's tokens, with the model's own loss."""
     rows, starts = hellaswag_rows(tokenizer, example, model.config.block_size)
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width - 1, dtype=torch.long)
@@ -350,7 +348,7 @@ def score_example(model, tokenizer, example: HellaSwagExample, device) -> tuple[
         t = torch.tensor(row)
         x[i, :len(row) - 1] = t[:-1]
         y[i, start - 1:len(row) - 1] = t[start:]  # only the ending's tokens are scored
-    losses = lm_loss(model(x.to(device)), y.to(device), reduction="none").double().cpu()
+    losses = model(x.to(device), y.to(device), reduction="none").double().cpu()
     n = (y != IGNORE_INDEX).sum(dim=1).double()
     sums = losses.sum(dim=1)
     return sums.tolist(), (sums / n).tolist()

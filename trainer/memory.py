@@ -3,7 +3,7 @@
 Per GPU, the peak is the larger of two phases of a training step:
 
   forward/backward = params + grads + fp32 master + Adam moments + activation peak + reduce buckets
-  optimizer step   = params + grads + fp32 master + Adam moments + step temporaries + held logits
+  optimizer step   = params + grads + fp32 master + Adam moments + step temporaries
 
 plus a fixed CUDA context / NCCL allowance and an allocator-fragmentation margin. Every byte count
 below is a formula in the model config and the DeepSpeed JSON; where it departs from a published
@@ -37,19 +37,19 @@ dropout and materialised attention scores. Our model differs, and the formula fo
   * SwiGLU saves gate, silu(gate), up and their product: 4ef instead of GELU's 2ef per token.
   per layer = sbh * (2 * norm + 6e) + sb * (2e or 4e) * f + 4abs
   (bf16 GPT-2: 36sbh + 4abs, against Korthikanti's 34sbh + 5as^2b).
-  Logits: the head writes b*s*V_padded values in the activation dtype, which the training loop keeps
-  until the next micro-batch; the loss (trainer/loss.py) takes an fp32 copy (4bsV, freed after
-  log_softmax) and log_softmax keeps its fp32 output (4bsV). Backward through the loss needs two more
-  fp32 b*s*V tensors at once, so the loss alone peaks at e*bsV_p + 12bsV bytes.
+  Loss: the head computes the loss itself (models/loss.py) a chunk of 2**23 logits at a time, and keeps
+  only dloss/dlogits, e*b*s*V_padded, plus fp32 per-token losses; its forward peaks with one chunk of
+  logits and their fp32 copy on top, its backward with the head's fresh weight gradient (e*V_p*h).
+  (Before, the loss held the logits, their fp32 copy and the fp32 log-softmax: e + 12 bytes per logit.)
   Activation checkpointing (torch.utils.checkpoint per block) keeps each block's input (e*sbh per
   layer) and recomputes one block at a time in backward.
   Backward working memory, fitted to profiler peaks of our model on CPU: a layer's backward needs
   e*sb*(f + h) on top of what it saved (no checkpointing), a recomputed layer 2e*sbh on top of its
-  activations; both plus one fresh weight gradient (e*f*h) before it is accumulated or bucketed, and
-  a logits-sized gradient still alive when the last blocks run backward.
+  activations; both plus one fresh weight gradient (e*f*h) before it is accumulated or bucketed, and,
+  with a tied head, the head's weight gradient, which autograd holds until the embedding's arrives.
 Checked against the CPU profiler's allocation peak for small GPT-2 and GPT-2.5 models, with and
-without checkpointing (tests/test_memory.py, bench/memory.py activations): bf16 within 3.5%; fp32 with
-checkpointing and a tiny vocabulary up to 13% high (the test allows 15%). Not yet checked on a GPU,
+without checkpointing, and with the GPT-2 vocabulary (tests/test_memory.py, bench/memory.py
+activations): within 11% low to 5% high, 0.2% with the GPT-2 vocabulary. Not yet checked on a GPU,
 where cuBLAS workspaces and SDPA kernels may differ (bench/memory.py gpu does that check).
 
 GB here is 2**30 bytes everywhere.
@@ -60,6 +60,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from models.loss import CHUNK_LOGITS
 from trainer.errors import UserError
 
 GB = 2 ** 30
@@ -204,7 +205,7 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, dtype_bytes: int, chec
     `peak` over forward and backward; both on top of parameters and gradients."""
     b, s, h, a, L = micro_batch, seq_len, cfg.n_embd, cfg.n_head, cfg.n_layer
     f, e = cfg.ffn_hidden, dtype_bytes
-    V, Vp = cfg.vocab_size, cfg.padded_vocab_size
+    Vp = cfg.padded_vocab_size
     sbh = s * b * h
     norm = 8 if cfg.norm == "rmsnorm" else 4            # fp32 bytes a norm keeps per element
     mlp = (4 if cfg.mlp == "swiglu" else 2) * e * s * b * f
@@ -214,10 +215,13 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, dtype_bytes: int, chec
     dropout = 2 * sbh + 2 * e * sbh if cfg.dropout > 0 else 0  # Korthikanti's masks and dropped copies
     layer = 2 * norm * sbh + attn + mlp + dropout
     final = norm * sbh + e * sbh                         # final norm input and its output (the head's input)
-    logits_held = e * b * s * Vp                         # head output, kept by the training loop
-    lsm = 4 * b * s * V                                  # log_softmax output kept for backward (fp32)
-    loss_fwd_extra = (4 * b * s * V if e != 4 else 0) + (e * b * s * V if Vp != V else 0)  # fp32 copy, reshape copy
-    loss_bwd_extra = 8 * b * s * V                       # grad of log_softmax output and input, fp32
+    # The loss (models/loss.py) keeps dloss/dlogits over the padded vocabulary, in the activation dtype,
+    # and works on one chunk of tokens at a time: the head's output and its fp32 copy.
+    tokens = b * s
+    chunk = min(tokens, max(1, CHUNK_LOGITS // Vp))
+    dlogits = e * tokens * Vp + 4 * tokens               # + the fp32 per-token losses
+    loss_fwd_extra = chunk * Vp * (e + 4 if e != 4 else 4)
+    loss_bwd_extra = e * Vp * h + 2 * e * tokens * h     # the head's fresh weight gradient, grad and scaled input
     weight_grad = e * f * h                              # a weight's fresh gradient before it is accumulated
     if checkpointing:
         blocks = L * e * sbh
@@ -225,12 +229,13 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, dtype_bytes: int, chec
     else:
         blocks = L * layer
         layer_bwd = e * s * b * (f + h) + weight_grad
-    stored = blocks + final + logits_held + lsm
-    # The loss peaks with everything stored; blocks run backward after log_softmax's output is freed, but
-    # (measured, fp32 with checkpointing) while a logits-sized gradient is still alive.
-    peak = max(stored + max(loss_fwd_extra, loss_bwd_extra), stored - lsm + e * b * s * Vp + layer_bwd)
-    return {"per_layer": layer, "blocks": blocks, "final": final, "logits": logits_held + lsm,
-            "logits_held": logits_held, "stored": stored, "peak": peak}
+    stored = blocks + final + dlogits
+    # The loss peaks with everything stored; the blocks run backward after dlogits is freed.
+    # With a tied head, autograd holds the head's weight gradient until the embedding's arrives at the end.
+    tied_grad = e * Vp * h if cfg.tie_embeddings else 0
+    peak = max(stored + max(loss_fwd_extra, loss_bwd_extra),
+               stored - dlogits + e * tokens * h + tied_grad + layer_bwd)
+    return {"per_layer": layer, "blocks": blocks, "final": final, "logits": dlogits, "stored": stored, "peak": peak}
 
 
 # ---- the estimate -------------------------------------------------------------------------------
@@ -273,7 +278,7 @@ class Estimate:
 def _total_bytes(states: dict, act: dict, buckets: int) -> tuple[float, str]:
     fixed = states["params"] + states["grads"] + states["master"] + states["adam"]
     fwd_bwd = fixed + act["peak"] + buckets
-    step = fixed + states["step_temp"] + act["logits_held"]
+    step = fixed + states["step_temp"]
     allocated = max(fwd_bwd, step)
     return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES, "forward/backward" if fwd_bwd >= step else "optimizer step"
 
@@ -495,12 +500,11 @@ def profile_peak(forward, backward) -> dict:
 
 
 def measure_activations(cfg, micro_batch: int, seq_len: int, dtype, checkpointing: bool, seed: int = 0) -> dict:
-    """Measured activation bytes of one training micro-batch of our model (forward, lm_loss, backward),
+    """Measured activation bytes of one training micro-batch of our model (forward with its loss, backward),
     with gradients allocated beforehand as in a training step (so only activations and temporaries count)."""
     import torch
 
     from models import GPT
-    from trainer.loss import lm_loss
 
     torch.manual_seed(seed)
     model = GPT(cfg).to(dtype).train()
@@ -512,7 +516,6 @@ def measure_activations(cfg, micro_batch: int, seq_len: int, dtype, checkpointin
     state = {}
 
     def forward():
-        state["logits"] = model(x)
-        state["loss"] = lm_loss(state["logits"], y)
+        state["loss"] = model(x, y)
 
     return profile_peak(forward, lambda: state["loss"].backward())

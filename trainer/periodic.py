@@ -21,15 +21,15 @@ _tokenizers: dict = {}   # tokenizer spec -> Tokenizer
 
 
 class _EngineModel:
-    """What evaluate.score_example needs from a model (`.config`, `model(x) -> logits`), backed by the
+    """What evaluate.score_example needs from a model (`.config`, `model(x, y, reduction=...)`), backed by the
     engine. DeepSpeedEngine.config is the DeepSpeed dict, hence the wrapper."""
 
     def __init__(self, engine):
         self.engine = engine
         self.config = engine.module.config
 
-    def __call__(self, x):
-        return self.engine(x)
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
 
 
 def _load(cfg, tokenizer_spec: str):

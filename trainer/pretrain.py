@@ -1,7 +1,7 @@
 """The pretraining loop: data, model and DeepSpeed engine in, checkpoints and metrics out.
 
-The loop follows DeepSpeed's idiom (STYLE.md, convention 8): for each micro-batch `engine(x)`,
-the shared loss, `engine.backward`, `engine.step`; DeepSpeed scales for accumulation and steps
+The loop follows DeepSpeed's idiom (STYLE.md, convention 8): for each micro-batch `engine(x, y)`
+(the model's own loss, models/loss.py, the one eval-ppl scores), `engine.backward`, `engine.step`; DeepSpeed scales for accumulation and steps
 the optimizer and the LR schedule on accumulation boundaries, where we also log, evaluate and
 save. A step whose gradients are not finite is skipped by DeepSpeed on every rank (bf16/fp16
 overflow check); we count it and stop after `max_skips` in a row.
@@ -26,7 +26,6 @@ from trainer import checkpoint, dist, engine as ds_engine, hostmem, recovery
 from trainer.config import TrainConfig, parse_duration, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
 from trainer.errors import UserError
-from trainer.loss import lm_loss
 from trainer.metrics import MetricsWriter, memory_gb, peak_flops
 from trainer.optim import lr_at, param_groups
 
@@ -137,7 +136,7 @@ def evaluate(engine, val: ValStream, n_batches: int, device) -> float:
     with torch.no_grad():
         for x, y in val.batches(n_batches, dist.rank(), dist.world_size()):
             x, y = x.to(device), y.to(device)
-            total[0] += lm_loss(engine(x), y, reduction="sum").double()
+            total[0] += engine(x, y, reduction="sum").double()
             total[1] += y.numel()
     engine.train()
     if torch.distributed.is_initialized() and dist.world_size() > 1:
@@ -247,9 +246,7 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
         for i in range(plan.grad_accum):
             xb = x[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
             yb = y[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
-            logits = engine(xb)
-            loss = lm_loss(logits, yb)
-            del logits  # B x T x V: free it now, not after the next forward (~0.8 GB for GPT-2 Medium, mb 8)
+            loss = engine(xb, yb)  # the model's own loss: no B x T x V fp32 logits (models/loss.py)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach()
