@@ -1,6 +1,10 @@
 """generate: the KV cache gives the same greedy tokens as the plain path (learned positions, RoPE,
 partial rotary, past block_size), top-k / top-p filters, seeding, end-of-text, CLI output and errors."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +103,26 @@ def test_cli_json_and_streaming(model_dir):
                                        "--json"])
     samples = json.loads(sampled.output.strip().splitlines()[-1])["samples"]
     assert len(samples) == 3 and len(set(samples)) > 1
+
+
+def test_stdout_carries_only_the_result(tmp_path):
+    """DeepSpeed logs its accelerator choice on stdout when first imported, which loading a training
+    checkpoint does; stdout must still be the result alone, so `generate ... > out.txt` and `--json | jq` work."""
+    from trainer.convert import convert
+
+    convert("pydoc", "bytes", tmp_path / "data", shard_tokens=100_000, val_tokens=10_000, workers=1, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    trainer_cli = [sys.executable, "-m", "trainer.cli"]
+    subprocess.run([*trainer_cli, "pretrain", "--model", "tiny", "--data", str(tmp_path / "data"), "--out",
+                    str(tmp_path / "run"), "--max-steps", "1", "--micro-batch", "2", "--eval-every", "0"],
+                   capture_output=True, text=True, env=env, timeout=300, check=True)
+    proc = subprocess.run([*trainer_cli, "generate", "--model-path", str(tmp_path / "run"), "--prompt", "Once",
+                           "--max-new-tokens", "4", "--temperature", "0", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["prompt"] == "Once", proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [(["--temperature", "-1"], "--temperature -1.0 must be >= 0"),

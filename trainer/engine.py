@@ -6,8 +6,10 @@ eps and weight decay and writes them in. A JSON that sets a trainer-owned key to
 is refused with the key named, so a run never silently uses numbers the user did not choose.
 This module and trainer/checkpoint.py are the only places that import deepspeed.
 """
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -116,9 +118,19 @@ def offloads_optimizer(config: dict) -> bool:
     return device not in (None, "none")
 
 
+def import_deepspeed():
+    """deepspeed, with its log lines on stderr. Its logger's handler takes sys.stdout when the package
+    is first imported, and logs the accelerator choice right then; our stdout carries results
+    (generated text, --json), so the first import happens with stdout pointing at stderr."""
+    if "deepspeed" not in sys.modules:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+    return sys.modules["deepspeed"]
+
+
 def init_distributed() -> None:
     """Start torch.distributed through DeepSpeed (nccl on GPU, gloo/ccl on CPU) for any launcher."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     dist.ensure_dist_env()
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:

@@ -45,9 +45,10 @@ WIKITEXT_DEFAULT_CONFIG = "wikitext-103-raw-v1"
 
 def setup_device(device: Optional[str] = None) -> torch.device:
     """Start torch.distributed only under a launcher (WORLD_SIZE > 1); pick this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from trainer import engine
+    from trainer import engine
 
+    engine.import_deepspeed()  # checkpoints load through it; its log lines must not mix with our stdout
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         engine.init_distributed()
     if device:
         return torch.device(device)

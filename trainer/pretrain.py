@@ -236,87 +236,85 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
     log_steps, log_t0, log_tokens0 = 0, time.perf_counter(), state["tokens"]
     bar = tqdm(total=steps, initial=state["step"], disable=not dist.is_main(), dynamic_ncols=True,
                desc="pretrain", unit="step")
-    engine.train()
-    while state["step"] < steps:
-        step_started = time.perf_counter()
-        x, y = stream.local_batch(state["cursor"], rank, world)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler moves on after it)
-        step_loss = torch.zeros((), device=device)
-        skipped_before = engine.skipped_steps
-        for i in range(plan.grad_accum):
-            xb = x[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
-            yb = y[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
-            loss = engine(xb, yb)  # the model's own loss: no B x T x V fp32 logits (models/loss.py)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach()
-        state["step"] += 1
-        state["cursor"] += plan.global_batch
-        state["tokens"] += plan.tokens_per_step
-        skipped = engine.skipped_steps - skipped_before
-        state["skipped_total"] += skipped
-        consecutive_skips = consecutive_skips + 1 if skipped else 0
-        log_loss += step_loss / plan.grad_accum
-        log_steps += 1
-        bar.update(1)
+    try:  # any error below (a failed save, a rollback that gives up) leaves the bar closed, so `Error:` starts a line
+        engine.train()
+        while state["step"] < steps:
+            step_started = time.perf_counter()
+            x, y = stream.local_batch(state["cursor"], rank, world)
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler moves on after it)
+            step_loss = torch.zeros((), device=device)
+            skipped_before = engine.skipped_steps
+            for i in range(plan.grad_accum):
+                xb = x[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
+                yb = y[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
+                loss = engine(xb, yb)  # the model's own loss: no B x T x V fp32 logits (models/loss.py)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach()
+            state["step"] += 1
+            state["cursor"] += plan.global_batch
+            state["tokens"] += plan.tokens_per_step
+            skipped = engine.skipped_steps - skipped_before
+            state["skipped_total"] += skipped
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            log_loss += step_loss / plan.grad_accum
+            log_steps += 1
+            bar.update(1)
 
-        is_last = state["step"] >= steps
-        if state["step"] % cfg.log_every == 0 or is_last or skipped:
-            mean_loss = ds_engine.all_reduce_mean(log_loss / log_steps).item()
-            elapsed = time.perf_counter() - log_t0
-            tokens_per_s = (state["tokens"] - log_tokens0) / max(elapsed, 1e-9)
-            mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            record = {"step": state["step"], "loss": mean_loss, "lr": step_lr,
-                      "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
-                      "mfu": mfu, "skipped": state["skipped_total"]}
-            mem = memory_gb()
-            if mem is not None:
-                record["memory_gb"] = mem
-            writer.log(record)
-            last_loss = mean_loss
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
-                            gn=f"{grad_norm:.2f}" if grad_norm is not None and math.isfinite(grad_norm) else "nan",
-                            tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu * 100:.1f}%" if mfu is not None else "-")
-            log_loss.zero_()
-            log_steps, log_t0, log_tokens0 = 0, time.perf_counter(), state["tokens"]
-        if skipped:
-            dist.print0(f"step {state['step']}: non-finite gradients, update skipped on all ranks "
-                        f"({consecutive_skips} in a row, {state['skipped_total']} in total)")
-            if consecutive_skips >= cfg.max_skips:
-                try:  # back to the last good checkpoint, past the offending data; or stop (trainer/recovery.py)
+            is_last = state["step"] >= steps
+            if state["step"] % cfg.log_every == 0 or is_last or skipped:
+                mean_loss = ds_engine.all_reduce_mean(log_loss / log_steps).item()
+                elapsed = time.perf_counter() - log_t0
+                tokens_per_s = (state["tokens"] - log_tokens0) / max(elapsed, 1e-9)
+                mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                record = {"step": state["step"], "loss": mean_loss, "lr": step_lr,
+                          "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
+                          "mfu": mfu, "skipped": state["skipped_total"]}
+                mem = memory_gb()
+                if mem is not None:
+                    record["memory_gb"] = mem
+                writer.log(record)
+                last_loss = mean_loss
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                gn=f"{grad_norm:.2f}" if grad_norm is not None and math.isfinite(grad_norm) else "nan",
+                                tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu * 100:.1f}%" if mfu is not None else "-")
+                log_loss.zero_()
+                log_steps, log_t0, log_tokens0 = 0, time.perf_counter(), state["tokens"]
+            if skipped:
+                dist.print0(f"step {state['step']}: non-finite gradients, update skipped on all ranks "
+                            f"({consecutive_skips} in a row, {state['skipped_total']} in total)")
+                if consecutive_skips >= cfg.max_skips:
+                    # back to the last good checkpoint, past the offending data; or stop (trainer/recovery.py)
                     recovery.roll_back(engine, run_dir, state, cfg, consecutive_skips)
-                except UserError:
-                    bar.close()
-                    writer.close()
-                    raise
-                consecutive_skips = 0
-                bar.n = state["step"]
-                continue  # no eval or save of the step just restored
+                    consecutive_skips = 0
+                    bar.n = state["step"]
+                    continue  # no eval or save of the step just restored
 
-        if cfg.eval_every and (state["step"] % cfg.eval_every == 0 or is_last):
-            last_val = evaluate(engine, val, cfg.eval_batches, device)
-            writer.log({"step": state["step"], "val_loss": last_val})
-            if dist.is_main():
-                bar.write(f"step {state['step']}: val_loss {last_val:.4f}")
-        if cfg.hellaswag_every:  # periodic HellaSwag, logged like val loss (trainer/periodic.py)
-            from trainer.periodic import maybe_hellaswag
+            if cfg.eval_every and (state["step"] % cfg.eval_every == 0 or is_last):
+                last_val = evaluate(engine, val, cfg.eval_batches, device)
+                writer.log({"step": state["step"], "val_loss": last_val})
+                if dist.is_main():
+                    bar.write(f"step {state['step']}: val_loss {last_val:.4f}")
+            if cfg.hellaswag_every:  # periodic HellaSwag, logged like val loss (trainer/periodic.py)
+                from trainer.periodic import maybe_hellaswag
 
-            maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
+                maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
 
-        slowest["step"] = max(slowest["step"], time.perf_counter() - step_started)
-        margin = slowest["step"] + slowest["save"]
-        wants_stop = _agree_to_stop(stop, deadline - margin if deadline else None, device) or (  # a pause: same schedule, resume later
-            cfg.stop_after_steps and state["step"] - steps_at_start >= cfg.stop_after_steps and "--stop-after-steps")
-        if wants_stop and not is_last:
-            stop_reason = wants_stop
-            save()
-            break
-        if (cfg.save_every and state["step"] % cfg.save_every == 0) or is_last:
-            save()
-    bar.close()
-    writer.close()
+            slowest["step"] = max(slowest["step"], time.perf_counter() - step_started)
+            margin = slowest["step"] + slowest["save"]
+            wants_stop = _agree_to_stop(stop, deadline - margin if deadline else None, device) or (  # a pause: same schedule, resume later
+                cfg.stop_after_steps and state["step"] - steps_at_start >= cfg.stop_after_steps and "--stop-after-steps")
+            if wants_stop and not is_last:
+                stop_reason = wants_stop
+                save()
+                break
+            if (cfg.save_every and state["step"] % cfg.save_every == 0) or is_last:
+                save()
+    finally:
+        bar.close()
+        writer.close()
 
     result = {"run_dir": str(run_dir), "step": state["step"], "tokens": state["tokens"], "loss": last_loss,
               "val_loss": last_val, "skipped": state["skipped_total"], "stopped": stop_reason}
