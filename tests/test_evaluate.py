@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,17 +143,22 @@ def test_bits_per_byte_and_word_level(files):
     assert result["word_ppl"] == pytest.approx(math.exp(total / len(text.split())), rel=1e-12)
 
 
-def test_eval_ppl_on_dataset_shards(files, tmp_path):
+def byte_dataset(data: Path, text: str) -> tuple[list, list]:
+    """A bytes-tokenized dataset dir whose val shard is `text`'s paragraphs: (tokens, documents)."""
     from trainer.data import write_shard
 
-    data = tmp_path / "data"
     data.mkdir()
-    text = files["text"].read_text()
     docs = [list(d.encode("utf-8")) for d in text.split("\n\n") if d]
     tokens = [t for d in docs for t in (*d, 256)]
     write_shard(data / "train_000000.bin", tokens, vocab_size=257)
     write_shard(data / "val_000000.bin", tokens, vocab_size=257)
     (data / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}))
+    return tokens, docs
+
+
+def test_eval_ppl_on_dataset_shards(files, tmp_path):
+    data = tmp_path / "data"
+    tokens, docs = byte_dataset(data, files["text"].read_text())
     result = run_ppl(PplConfig(model_path=str(files["consolidated"]), data=str(data), context=64, stride=64,
                                progress=False))
     direct = perplexity(files["model"], tokens, 64, 64)
@@ -303,8 +309,23 @@ def test_eval_ppl_on_a_run_dir_matches_the_model(run_dir, tmp_path):
     assert result["nll"] == pytest.approx(direct["nll"], rel=1e-9) and result["tokens"] == direct["tokens"]
 
 
+def test_eval_ppl_on_a_run_dir_defaults_to_its_training_data(run_dir, files, tmp_path):
+    """`eval-ppl --model-path RUN` (what pretrain's summary suggests) scores the run's own val shards."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    tokens, _ = byte_dataset(tmp_path / "data", files["text"].read_text())
+    (run / "config.yaml").write_text(f"model: tiny\ndata: {tmp_path / 'data'}\nout: {run}\n")
+    result = run_ppl(PplConfig(model_path=str(run), context=64, stride=64, progress=False))
+    direct = perplexity(models.load(run / "reference_2"), tokens, 64, 64)
+    assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
+    (run / "config.yaml").write_text("model: tiny\ndata: data/elsewhere\n")
+    with pytest.raises(UserError, match="trained on data/elsewhere, which is not a directory from here"):
+        run_ppl(PplConfig(model_path=str(run), progress=False))
+    with pytest.raises(UserError, match="give one of --data DIR, --text-file FILE, --hf-dataset NAME"):
+        run_ppl(PplConfig(model_path=str(files["consolidated"]), progress=False))
+
+
 def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
-    import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

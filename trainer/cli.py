@@ -15,7 +15,7 @@ import click
 def cli(local_rank):
     """Pretrain GPT-2 / GPT-2.5 models with DeepSpeed, evaluate them, export them to Hugging Face.
 
-    Start with `pretrain` (no options: a few-minute offline demo on CPU), then `eval-ppl`,
+    Start with `pretrain` (no options: a one-minute offline demo on CPU), then `eval-ppl`,
     `generate`, and `python tools/zero_to_fp32.py RUN OUT --hf`.
     """
     if local_rank is not None:
@@ -80,7 +80,7 @@ def _given(**options) -> dict:
 def pretrain(config_file, set_, compile_, json_output, **options):
     """Pretrain a GPT-2 / GPT-2.5 model with DeepSpeed.
 
-    With no options: the offline demo (pydoc corpus, gpt2-mini, ZeRO-2), a few minutes on a CPU.
+    With no options: the offline demo (pydoc corpus, gpt2-mini, ZeRO-2), about a minute on a CPU.
     Launch on GPUs with `deepspeed --num_gpus N --module trainer.cli pretrain ...`,
     `torchrun --nproc_per_node N -m trainer.cli pretrain ...`, or plain `python -m trainer.cli pretrain`.
     """

@@ -16,7 +16,7 @@ from trainer.errors import UserError
 
 DEMO_MODEL = "gpt2-mini"
 DEMO_OUT = "runs/demo"
-# When no --data is given the run is the offline demo: a few minutes on a 2-core CPU with the loss
+# When no --data is given the run is the offline demo: under a minute on a 2-core CPU with the loss
 # falling clearly. Only options the user did not set take these values.
 DEMO_DEFAULTS = dict(max_steps=200, micro_batch=8, seq_len=256, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                      eval_every=50, eval_batches=8, save_every=100, log_every=10)

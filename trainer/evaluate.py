@@ -20,6 +20,7 @@ per token (acc_norm); the prediction is the ending with the lowest loss. Data: t
 e.g. https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl (10,042
 examples; keys ctx, endings, label).
 """
+import dataclasses
 import json
 import math
 import os
@@ -213,7 +214,19 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
     from trainer import modelio
 
     sources = [s for s in (cfg.data, cfg.text_file, cfg.hf_dataset) if s]
-    if len(sources) != 1:
+    if not sources:  # a run directory: score the validation shards of the data it trained on
+        trained_on = modelio.training_data_of(cfg.model_path)
+        if trained_on is None:
+            raise UserError("give one of --data DIR, --text-file FILE, --hf-dataset NAME to score "
+                            f"{cfg.model_path} on (only a run directory brings its own dataset)")
+        if not Path(trained_on).is_dir():
+            raise UserError(f"{cfg.model_path} trained on {trained_on}, which is not a directory from here; "
+                            "run from where it was trained or pass --data DIR")
+        if dist.is_main():
+            print(f"scoring the validation shards of {trained_on}, the run's training data "
+                  "(--data / --text-file / --hf-dataset for another)", file=sys.stderr, flush=True)
+        cfg = dataclasses.replace(cfg, data=trained_on)
+    elif len(sources) > 1:
         raise UserError("give exactly one of --data DIR, --text-file FILE, --hf-dataset NAME")
     device = setup_device(cfg.device)
     if device.type == "cpu":

@@ -117,6 +117,23 @@ def _tag_in_run(path: Path) -> Optional[Path]:
     return ckpt if ckpt.is_dir() else None
 
 
+def training_data_of(path) -> Optional[str]:
+    """The dataset a run trained on (`data` in its config.yaml) for a run directory or a checkpoint inside
+    one (RUN, RUN/step_N, RUN/checkpoints/step_N); None for anything else."""
+    import yaml
+
+    p = Path(str(path)).expanduser()
+    for run in (p, p.parent, p.parent.parent):
+        config = run / "config.yaml"
+        if _is_run_dir(run) and config.is_file():
+            try:
+                data = (yaml.safe_load(config.read_text()) or {}).get("data")
+            except (yaml.YAMLError, AttributeError):
+                return None
+            return str(data) if data else None
+    return None
+
+
 def resolve(path) -> tuple[str, Path]:
     """(kind, location): kind is run-checkpoint | checkpoint | consolidated | hf | hub."""
     from trainer import checkpoint
