@@ -1,4 +1,5 @@
-"""The language-model loss: next-token cross-entropy in fp32 (fp64 for fp64 models), one definition for training and evaluation.
+"""The language-model loss: next-token cross-entropy in fp32 (fp64 for fp64 models), for training and
+evaluation alike.
 
 Two entry points compute the same numbers:
 
@@ -10,9 +11,9 @@ tokens at a time, takes the fp32 log-sum-exp of each row, and turns the chunk st
 gradient (softmax minus one-hot, the derivative of cross-entropy), kept in the model's dtype for the
 backward matmuls. The plain path holds the logits in the model's dtype, an fp32 copy, the fp32
 log-softmax saved for backward, and two more fp32 tensors of that size in backward: for GPT-2 at
-micro-batch 8 x 1024 tokens that is 0.8 GB + 4 x 1.6 GB at its peak against 0.8 GB here. The same
+micro-batch 8 x 1024 tokens up to 0.8 GB + 3 x 1.6 GB at its peak, against 0.8 GB here. The same
 exp runs once per logit either way, so the speed is the same on CPU (measured; the head's three
-matmuls dominate) and memory traffic drops on GPU.
+matmuls dominate); on GPU it moves far fewer bytes (not measured yet).
 
 Targets equal to IGNORE_INDEX (-1) are not scored; "mean" divides by the scored tokens.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -1
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_LOGITS = 1 << 23  # logits per chunk (32 MiB in fp32): big matmuls, a working set that fits in cache
+CHUNK_LOGITS = 1 << 23  # logits per chunk (32 MiB in fp32): matmuls still large, the extra memory bounded
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

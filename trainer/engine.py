@@ -6,6 +6,7 @@ eps and weight decay and writes them in. A JSON that sets a trainer-owned key to
 is refused with the key named, so a run never silently uses numbers the user did not choose.
 This module and trainer/checkpoint.py are the only places that import deepspeed.
 """
+import atexit
 import contextlib
 import json
 import os
@@ -131,6 +132,8 @@ def import_deepspeed():
 def init_distributed() -> None:
     """Start torch.distributed through DeepSpeed (nccl on GPU, gloo/ccl on CPU) for any launcher."""
     deepspeed = import_deepspeed()
+    atexit.unregister(_destroy_process_group_at_exit)  # registered once however often this runs
+    atexit.register(_destroy_process_group_at_exit)
 
     dist.ensure_dist_env()
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
@@ -140,6 +143,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Exiting with the process group alive lets C++ destructors meet its communication threads still
+    running, which aborted finished 2-rank processes (exit -6, "terminate called without an active
+    exception") on a loaded machine. At exit, not at the end of a run: DeepSpeed keeps its groups for
+    a later run in the same process (tests run several)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import dist, hostmem
+from trainer import dist, engine, hostmem
 from trainer.errors import UserError
 from trainer.loss import IGNORE_INDEX
 
@@ -46,8 +46,6 @@ WIKITEXT_DEFAULT_CONFIG = "wikitext-103-raw-v1"
 
 def setup_device(device: Optional[str] = None) -> torch.device:
     """Start torch.distributed only under a launcher (WORLD_SIZE > 1); pick this rank's device."""
-    from trainer import engine
-
     engine.import_deepspeed()  # checkpoints load through it; its log lines must not mix with our stdout
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         engine.init_distributed()
