@@ -190,6 +190,17 @@ def test_zero3_trains_like_zero2(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_trains_like_eager(tiny_data, tmp_path):
+    """--compile (torch.compile through DeepSpeed's hook) runs the same model and loss, chunked loss included."""
+    runs = {}
+    for mode in ("--no-compile", "--compile"):
+        runs[mode] = tmp_path / mode.strip("-")
+        run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(runs[mode]), "--max-steps", "3",
+                 "--ds-config", "zero2_fp32", mode])
+    assert losses(runs["--compile"]) == pytest.approx(losses(runs["--no-compile"]), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_torchrun_two_nodes_of_one_rank(tiny_data, tmp_path):
     run = tmp_path / "run"
     port = free_port()
