@@ -22,6 +22,8 @@ from trainer.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
 from trainer.loss import lm_loss
 from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
 
+from helpers import random_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -29,16 +31,6 @@ def pydoc_text(chars: int = 4000) -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
-
-
-def random_model(**overrides) -> models.GPT:
-    """A tiny byte-level model with norms and biases moved off their init values (so parity sees them)."""
-    torch.manual_seed(0)
-    model = models.GPT(models.get_config("tiny", vocab_size=257, **overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(3.0)
-    return model
 
 
 @pytest.fixture(scope="module")

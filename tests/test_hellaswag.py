@@ -15,16 +15,9 @@ from trainer.evaluate import hellaswag, hellaswag_rows, read_hellaswag, run_hell
 from trainer.modelio import write_tokenizer_spec
 from trainer.tokenizer import get_tokenizer
 
+from helpers import random_model
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hellaswag_tiny.jsonl"
-
-
-def random_model(**overrides) -> models.GPT:
-    torch.manual_seed(0)
-    model = models.GPT(models.get_config("tiny", vocab_size=257, **overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(3.0)
-    return model
 
 
 @pytest.fixture(scope="module")
