@@ -154,15 +154,6 @@ def saving_now(run_dir: Path, at_least: int):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from trainer.convert import convert
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """The uninterrupted run (keep-last 0 here: its checkpoints also serve the damage tests)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"

@@ -27,15 +27,6 @@ SMALL = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--global-b
          "zero2_fp32", "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from trainer.convert import convert
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
-    return out
-
-
 def run_model(data, model="tiny", **overrides):
     """The model `pretrain --model X --set ...` builds on this dataset (vocab 257, padded to 320), before init."""
     cfg = TrainConfig(model=model, data=str(data), model_overrides=overrides)

@@ -67,15 +67,6 @@ def curve(run: Path, key: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from trainer.convert import convert
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """The uninterrupted run: 2 ranks, ZeRO-2 bf16, 6 steps."""
     run = tmp_path_factory.mktemp("ref") / "run"

@@ -37,15 +37,6 @@ def pretrain(data, out, ranks, *extra):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from trainer.convert import convert
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     """GPT-2 tiny (tied embeddings), ZeRO-2 bf16 on 2 ranks: two optimizer shards per checkpoint."""
     return pretrain(data, tmp_path_factory.mktemp("run") / "run", 2, "--model", "tiny", "--ds-config", "zero2_bf16")
