@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_faults import _remove_shm_buffers, data, logged, pretrain_args, run  # noqa: F401 (fixtures)
+from tests.test_faults import _remove_shm_buffers, logged, pretrain_args, run
 from trainer import checkpoint, recovery
 from trainer.errors import UserError
 
