@@ -247,8 +247,7 @@ def main(argv=None):
     from trainer.errors import UserError
 
     ds_engine.init_distributed()
-    if ds_engine.device().type == "cpu":  # as trainer/pretrain.py does
-        hostmem.keep_freed_memory()
+    hostmem.keep_freed_memory(ds_engine.device())  # as trainer/pretrain.py does
     world = dist.world_size()
     cfg = model_config(args)
     global_batch = args.micro_batch * args.grad_accum * world

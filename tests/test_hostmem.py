@@ -51,3 +51,11 @@ def test_default_malloc_maps_large_tensors_and_the_opt_out_keeps_it():
     assert _probe("default")[0] >= 64 << 20  # what the step paid for every step before
     mapped, _ = _probe("opt-out", GPT_TRAINER_SYSTEM_MALLOC="1")
     assert mapped >= 64 << 20
+
+
+def test_a_gpu_device_leaves_malloc_alone():
+    import torch
+
+    from trainer import hostmem
+
+    assert hostmem.keep_freed_memory(torch.device("cuda", 0)) is False

@@ -5,7 +5,8 @@ windows of at most `context` tokens start every `stride` tokens; each window sco
 tokens the previous window did not (so every token after the first is scored exactly once, with
 as much left context as the window allows), and the first token of a window is never scored
 because nothing predicts it (the guide's fix for the first window). stride == context gives
-non-overlapping blocks. The loss is the model's own, `model(x, y)` (models/loss.py), the function training minimises.
+non-overlapping blocks. The loss is the model's own, `model(x, y)` (models/loss.py), the function
+training minimises.
 Results are token-weighted: nll = total NLL / scored tokens, ppl = exp(nll); bits per byte =
 total NLL / ln 2 / UTF-8 bytes of the text (comparable across tokenizers); word-level
 perplexity = exp(total NLL / whitespace-separated words), as the GPT-2 paper reports.
@@ -227,8 +228,7 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
     elif len(sources) > 1:
         raise UserError("give exactly one of --data DIR, --text-file FILE, --hf-dataset NAME")
     device = setup_device(cfg.device)
-    if device.type == "cpu":
-        hostmem.keep_freed_memory()
+    hostmem.keep_freed_memory(device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
     context = cfg.context or model.config.block_size

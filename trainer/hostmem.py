@@ -24,10 +24,13 @@ OPT_OUT = "GPT_TRAINER_SYSTEM_MALLOC"  # =1 leaves malloc as it is
 _applied = None
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc cache freed memory in this process. True when it did (once per process);
-    False with another C library (macOS, musl: nothing to do) or when GPT_TRAINER_SYSTEM_MALLOC=1."""
+def keep_freed_memory(device=None) -> bool:
+    """Make glibc's malloc cache freed memory in this process when computing on `device` (None: the CPU).
+    True when it did (once per process); False for a GPU device (its allocator caches already), with
+    another C library (macOS, musl: nothing to do) or when GPT_TRAINER_SYSTEM_MALLOC=1."""
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied is not None:
         return _applied
     _applied = False

@@ -147,8 +147,7 @@ def evaluate(engine, val: ValStream, n_batches: int, device) -> float:
 def run(cfg: TrainConfig, json_output: bool = False) -> dict:
     ds_engine.init_distributed()
     rank, world = dist.rank(), dist.world_size()
-    if ds_engine.device().type == "cpu":
-        hostmem.keep_freed_memory()
+    hostmem.keep_freed_memory(ds_engine.device())
     run_dir = Path(cfg.out)
     dataset = open_dataset(cfg)
     model_cfg = build_model_config(cfg, dataset)
