@@ -73,26 +73,29 @@ def _llama_hidden(n_embd: int, multiple_of: int = 256) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _gpt2(**kw) -> ModelConfig:
-    return ModelConfig(**kw)
+# GPT-2.5: the Llama block (RMSNorm, SwiGLU, RoPE, no biases) at GPT-2 sizes.
+GPT25 = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, norm_eps=1e-5)
 
-
-def _gpt25(**kw) -> ModelConfig:
-    # GPT-2.5: the Llama block (RMSNorm, SwiGLU, RoPE, no biases) at GPT-2 sizes.
-    return ModelConfig(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, norm_eps=1e-5, **kw)
-
-
+# Presets hold only the fields they choose. Derived fields (ffn_hidden, rotary_dim, padded_vocab_size)
+# are computed by ModelConfig from the final values, so an override such as `pos_emb=learned` or
+# `n_embd=256` never leaves a value derived from the preset's own fields behind.
 PRESETS = {
-    "gpt2": _gpt2(n_layer=12, n_head=12, n_embd=768),            # 124,439,808 params
-    "gpt2-medium": _gpt2(n_layer=24, n_head=16, n_embd=1024),    # 354,823,168
-    "gpt2-large": _gpt2(n_layer=36, n_head=20, n_embd=1280),     # 774,030,080
-    "gpt2-xl": _gpt2(n_layer=48, n_head=25, n_embd=1600),        # 1,557,611,200
-    "gpt25": _gpt25(n_layer=12, n_head=12, n_embd=768),          # 123,551,232 (SwiGLU hidden 2048)
-    "gpt25-medium": _gpt25(n_layer=24, n_head=16, n_embd=1024),  # 359,794,688 (hidden 2816)
-    "gpt25-large": _gpt25(n_layer=36, n_head=20, n_embd=1280),   # 795,804,160 (hidden 3584)
-    "gpt2-mini": _gpt2(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2's vocab (offline demo)
-    "tiny": _gpt2(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),  # 136,960
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),                   # 124,439,808 params
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),           # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),            # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),               # 1,557,611,200
+    "gpt25": dict(GPT25, n_layer=12, n_head=12, n_embd=768),           # 123,551,232 (SwiGLU hidden 2048)
+    "gpt25-medium": dict(GPT25, n_layer=24, n_head=16, n_embd=1024),   # 359,794,688 (hidden 2816)
+    "gpt25-large": dict(GPT25, n_layer=36, n_head=20, n_embd=1280),    # 795,804,160 (hidden 3584)
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2's vocab (demo)
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),  # 136,960
 }
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Embedding / head rows rounded up for fast matmuls (50257 -> 50304); the pad logits are never
+    returned, sampled or scored."""
+    return -(-vocab_size // multiple) * multiple
 
 
 def list_configs() -> list[str]:
@@ -107,13 +110,5 @@ def get_config(name: str, **overrides) -> ModelConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
-    base = dataclasses.asdict(PRESETS[name])
-    # Derived defaults must be recomputed when the fields they derive from change.
-    if "n_embd" in overrides or "mlp" in overrides:
-        base["ffn_hidden"] = None
-    if "vocab_size" in overrides:
-        base["padded_vocab_size"] = None
-    if "n_head" in overrides or "n_embd" in overrides:
-        base["rotary_dim"] = 0 if base["pos_emb"] == "rope" else base["rotary_dim"]
-    base.update(overrides)
+    base = {**PRESETS[name], **overrides}
     return ModelConfig(**base)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import models
 from models import GPT, get_config
@@ -189,3 +191,30 @@ def test_models_package_imports_torch_only():
                 raise AssertionError(f"{path.name} uses .{node.attr}")
             if isinstance(node, ast.Name) and node.id == "open" and path.name != "io.py":
                 raise AssertionError(f"{path.name} does file I/O")
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(models.list_configs()),
+       pos_emb=st.sampled_from([None, "learned", "rope"]), mlp=st.sampled_from([None, "gelu", "swiglu"]),
+       shape=st.sampled_from([None, (4, 64), (8, 256), (2, 96)]), vocab=st.sampled_from([None, 257, 50257]))
+def test_derived_fields_follow_the_fields_they_derive_from(name, pos_emb, mlp, shape, vocab):
+    """Overriding a field never leaves a value the preset derived from the old one (rotary_dim kept at the
+    head size after `--set pos_emb=learned` meant learned positions and full RoPE at once)."""
+    overrides = {k: v for k, v in (("pos_emb", pos_emb), ("mlp", mlp), ("vocab_size", vocab)) if v is not None}
+    if shape:
+        overrides.update(n_head=shape[0], n_embd=shape[1])
+    cfg = get_config(name, **overrides)
+    head_dim = cfg.n_embd // cfg.n_head
+    assert cfg.rotary_dim == (head_dim if cfg.pos_emb == "rope" else 0)
+    hidden = 256 * -(-int(8 * cfg.n_embd / 3) // 256)  # Llama's 8/3 width rounded up to 256
+    assert cfg.ffn_hidden == (4 * cfg.n_embd if cfg.mlp == "gelu" else hidden)
+    assert cfg.padded_vocab_size == cfg.vocab_size
+
+
+def test_learned_positions_on_a_gpt25_preset_turn_rope_off():
+    cfg = get_config("gpt25", pos_emb="learned")
+    assert cfg.rotary_dim == 0 and cfg.pos_emb == "learned"
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert any(k.endswith("wpe.weight") for k in model.state_dict())  # a learned position table
+    assert get_config("gpt25", pos_emb="learned", rotary_dim=32).rotary_dim == 32  # chosen, not derived: kept
