@@ -2,6 +2,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainer import engine
 from trainer.errors import UserError
@@ -60,3 +62,24 @@ def test_missing_and_malformed_json(tmp_path):
 def test_auto_config_is_a_shipped_file():
     path = engine.resolve_ds_config_path("auto")
     assert path.is_file() and json.loads(path.read_text())["zero_optimization"]["stage"] == 2
+
+
+_SECTION = st.fixed_dictionaries({}, optional={"enabled": st.booleans()})
+
+
+@settings(max_examples=200, deadline=None)
+@given(bf16=_SECTION, bfloat16=_SECTION, fp16=_SECTION, present=st.sets(st.sampled_from(["bf16", "bfloat16", "fp16"])))
+def test_precision_is_read_the_way_deepspeed_reads_it(bf16, bfloat16, fp16, present):
+    """DeepSpeed's own config parser is the oracle (it also accepts the older `bfloat16` spelling)."""
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+
+    sections = {"bf16": bf16, "bfloat16": bfloat16, "fp16": fp16}
+    config = {k: v for k, v in sections.items() if k in present}
+    ds_bf16 = get_bfloat16_config(config).enabled
+    ds_fp16 = get_float16_config(config).enabled
+    expected = "bf16" if ds_bf16 else "fp16" if ds_fp16 else "fp32"
+    assert engine.precision(config) == expected
+
+
+def test_the_older_bfloat16_spelling_is_bf16():
+    assert engine.precision({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}) == "bf16"

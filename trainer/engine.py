@@ -88,8 +88,8 @@ def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size
     """Return a copy of `base` with the trainer-owned numbers written in (or an error on conflict)."""
     config = json.loads(json.dumps(base))
     if "scheduler" in config:
-        raise UserError("DeepSpeed config has a 'scheduler' block; remove it: the trainer hands DeepSpeed its own "
-                        "schedule (--schedule, --lr, --min-lr, --warmup-steps) so it is checkpointed with the run")
+        raise UserError("DeepSpeed config has a 'scheduler' block; remove it: the trainer sets the learning rate of "
+                        "every step itself (--schedule, --lr, --min-lr, --warmup-steps), so a resumed run continues it")
     _claim(config, "train_micro_batch_size_per_gpu", micro_batch, "", "--micro-batch")
     _claim(config, "gradient_accumulation_steps", grad_accum, "", "--grad-accum / --global-batch")
     _claim(config, "train_batch_size", micro_batch * grad_accum * world_size, "", "--global-batch")
@@ -107,9 +107,14 @@ def zero_stage(config: dict) -> int:
 
 
 def precision(config: dict) -> str:
-    if config.get("bf16", {}).get("enabled"):
+    """bf16 | fp16 | fp32, read as DeepSpeed reads it: the `bf16` section, or the older spelling
+    `bfloat16` when there is no `bf16` section."""
+    bf16 = config.get("bf16")
+    if bf16 is None:
+        bf16 = config.get("bfloat16", {})
+    if (bf16 or {}).get("enabled"):
         return "bf16"
-    if config.get("fp16", {}).get("enabled"):
+    if (config.get("fp16") or {}).get("enabled"):
         return "fp16"
     return "fp32"
 
@@ -175,43 +180,18 @@ def check_precision_supported(config: dict) -> None:
                         "use ds_configs/zero2_fp16.json on pre-Ampere GPUs")
 
 
-def initialize(model: torch.nn.Module, param_groups, ds_config: dict, lr_lambda=None):
-    """Build the DeepSpeed engine; `lr_lambda(step) -> multiplier` becomes a checkpointed LambdaLR."""
+def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
+    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py)."""
     import deepspeed
 
     check_precision_supported(ds_config)
-
-    def make_scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups,
-        config=ds_config,
-        lr_scheduler=make_scheduler if lr_lambda is not None else None,
-    )
-    return engine, optimizer, scheduler
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    return engine
 
 
 def compile_model(engine) -> None:
     """torch.compile through DeepSpeed's own hook, so ZeRO's forward/backward hooks stay in place."""
     engine.compile()
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (returns a new tensor; fp32 for stable sums)."""
-    out = tensor.detach().float().clone()
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        torch.distributed.all_reduce(out)
-        out /= dist.world_size()
-    return out
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    out = tensor.detach().float().clone()
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
-    return out
 
 
 # ---- pre-flight checks for `doctor` (owner: memory engineer) -----------------------------------
