@@ -38,7 +38,7 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
     torch.manual_seed(0)
     cfg = get_config(ENGINE_MODEL[0], **ENGINE_MODEL[1])
     model = GPT(cfg)
-    eng, _, _ = engine.initialize(model, param_groups(model, 0.1), ds_config)
+    eng = engine.initialize(model, param_groups(model, 0.1), ds_config)
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
 
     def forward_backward():
@@ -136,7 +136,7 @@ def cmd_gpu(args) -> None:
     base = engine.load_ds_config(args.ds_config)
     ds_config = engine.build_ds_config(base, micro_batch=args.micro_batch, grad_accum=1, world_size=1, grad_clip=1.0,
                                        lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    eng, _, _ = engine.initialize(model, param_groups(model, 0.1), ds_config)
+    eng = engine.initialize(model, param_groups(model, 0.1), ds_config)
     x = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), device=engine.device())
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):

@@ -87,7 +87,7 @@ def model_config(args):
     if args.seq_len > cfg.block_size:
         cfg = models.get_config(args.model, **{**args.overrides, "block_size": args.seq_len})
     if "padded_vocab_size" not in args.overrides:  # what trainer/pretrain.py does
-        cfg.padded_vocab_size = ((cfg.vocab_size + 63) // 64) * 64
+        cfg.padded_vocab_size = models.padded_vocab_size(cfg.vocab_size)
     return cfg
 
 
@@ -176,7 +176,7 @@ def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
     rank, world = dist.rank(), dist.world_size()
     model, name = build_model(impl, cfg, args.activation_checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
-    engine, _, _ = ds_engine.initialize(model, param_groups(model, 0.1), ds_config)
+    engine = ds_engine.initialize(model, param_groups(model, 0.1), ds_config)
     if args.compile:
         ds_engine.compile_model(engine)
     device = engine.device

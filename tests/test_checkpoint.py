@@ -141,3 +141,43 @@ def test_resolve_checkpoint_from_run_dir_tag_or_step_number(tmp_path):
     assert checkpoint.resolve_checkpoint(tmp_path, "step_0000002").name == "step_0000002"
     with pytest.raises(UserError, match="checkpoints there: step_0000002, step_0000004, step_0000006"):
         checkpoint.resolve_checkpoint(tmp_path, "9")
+
+
+def test_a_rewind_sets_newer_checkpoints_aside_and_keep_last_never_deletes_the_new_one(tmp_path, capsys):
+    for step in (2, 4, 6):
+        checkpoint.save(FakeEngine(), tmp_path, step, client(step), keep_last=2)  # leaves step_4 and step_6
+    (tmp_path / "checkpoints" / "step_0000008").mkdir()  # an interrupted save of the old timeline
+    ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep_last=1)
+    assert ck.choose(str(tmp_path / "checkpoints" / "step_0000004")).name == "step_0000004"
+    ck.start_timeline(4)
+    out = capsys.readouterr().out
+    assert "step_0000006 belong to an abandoned timeline" in out and "never resumed from" in out
+    assert checkpoint.read_latest(tmp_path) == "step_0000004"
+    ck.save(FakeEngine(), 5, client(5))
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000005"]
+    assert checkpoint.read_latest(tmp_path) == "step_0000005"
+    assert checkpoint.find_resume(tmp_path, "auto").name == "step_0000005"
+    [aside] = (tmp_path / "checkpoints" / checkpoint.ABANDONED).glob("*-after-step_0000004")
+    assert [p.name for p in aside.iterdir()] == ["step_0000006"] and checkpoint.is_complete(aside / "step_0000006")
+    assert not (tmp_path / "checkpoints" / "step_0000008").exists()
+
+
+def test_prune_keeps_the_newest_and_the_current(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save(FakeEngine(), tmp_path, step, client(step))
+    assert checkpoint.store.prune(tmp_path, 2, current_step=3) == ["step_0000001", "step_0000002"]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+
+
+def test_an_interrupted_rewind_is_finished_before_anything_is_resumed(tmp_path):
+    for step in (2, 4, 6):
+        checkpoint.save(FakeEngine(), tmp_path, step, client(step))
+    root = tmp_path / "checkpoints"
+    journal = {"step": 2, "reason": "test", "into": "abandoned/x", "move": ["step_0000004", "step_0000006"],
+               "delete": []}
+    (root / checkpoint.store.REWIND_JOURNAL).write_text(json.dumps(journal))
+    (root / "abandoned" / "x").mkdir(parents=True)
+    (root / "step_0000004").rename(root / "abandoned" / "x" / "step_0000004")  # killed after the first move
+    assert checkpoint.Checkpointer(tmp_path).choose("auto").name == "step_0000002"  # never the old step_6
+    assert sorted(p.name for p in (root / "abandoned" / "x").iterdir()) == ["step_0000004", "step_0000006"]
+    assert not (root / checkpoint.store.REWIND_JOURNAL).exists()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from trainer.convert import convert
 from trainer.data import HEADER_BYTES, MAGIC, Dataset, TrainStream, ValStream, read_shard, write_shard
+from trainer.dist import rank_share
 from trainer.errors import UserError
 from trainer.sources import iter_documents
 from trainer.tokenizer import get_tokenizer
@@ -183,10 +184,18 @@ def test_an_epoch_covers_every_window_once_and_epochs_differ(pydoc_bytes):
 
 def test_validation_batches_are_fixed_and_split_across_ranks(pydoc_bytes):
     val = ValStream(Dataset.open(pydoc_bytes), seq_len=32, batch_size=4)
-    once = [x.numpy() for x, _ in val.batches(6)]
-    assert all(np.array_equal(a, b) for a, b in zip(once, [x.numpy() for x, _ in val.batches(6)]))
-    split = [x.numpy() for r in range(2) for x, _ in val.batches(6, r, 2)]
+    once = [val.batch(b)[0].numpy() for b in range(val.count(6))]
+    assert all(np.array_equal(a, b) for a, b in zip(once, [val.batch(b)[0].numpy() for b in range(val.count(6))]))
+    split = [val.batch(b)[0].numpy() for r in range(2) for b in rank_share(val.count(6), r, 2) if b is not None]
     assert sorted(map(bytes, once)) == sorted(map(bytes, split))
+
+
+@given(n=st.integers(0, 50), world=st.integers(1, 8))
+def test_every_rank_gets_the_same_number_of_forwards_and_each_item_once(n, world):
+    shares = [rank_share(n, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world)
+    real = sorted(i for s in shares for i in s if i is not None)
+    assert real == list(range(n))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,6 +6,7 @@ byte 0xFF (never in UTF-8 text, so nowhere else in the corpus), and `--init-from
 NaN gradients; every other batch never reads that row, so training elsewhere is normal.
 """
 import json
+import math
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from tests.test_faults import _remove_shm_buffers, logged, pretrain_args, run
 from trainer import checkpoint, recovery
 from trainer.errors import UserError
+from trainer.state import TrainState
 
 POISON = 255
 GLOBAL_BATCH, SEQ, SEED = 8, 64, 7  # as in tests/test_faults.ARGS
@@ -56,6 +58,13 @@ def poisoned(data_dir, out, steps) -> tuple:
     return dataset_dir, out / "model"
 
 
+def cosine_lr(step, max_lr=3e-3, min_lr=3e-4, warmup=2, total=10):
+    """The schedule of tests/test_faults.ARGS with --max-steps 10, written out independently of trainer/optim.py."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
@@ -71,7 +80,9 @@ def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(
     assert steps == [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10]  # step 6 ran again after the rollback
     bad = records[4:6]
     assert all(np.isnan(r["loss"]) for r in bad) and [r["skipped"] for r in bad] == [1, 2]  # counted
-    assert bad[0]["lr"] == bad[1]["lr"] == records[6]["lr"]  # a skipped step does not move the schedule
+    # A skipped update uses up its step of the schedule: every step's rate is the uninterrupted schedule's,
+    # step 6 has the same rate when it runs again after the rollback, and the run ends on the final rate.
+    assert [r["lr"] for r in records] == pytest.approx([cosine_lr(s - 1) for s in steps], rel=1e-12)
     assert all(np.isfinite(r["loss"]) for r in records[:4] + records[6:])
     assert "step 5: non-finite gradients, update skipped on all ranks" in proc.stdout
     assert "rolled back to step_0000005 (rollback 1 of at most 3) after 2 non-finite steps" in proc.stdout
@@ -96,14 +107,10 @@ def test_rollbacks_are_bounded(data, tmp_path):
     assert errors and "after 2 rollback(s) (limit --max-rollbacks 2)" in errors[0]
     assert proc.stdout.count("rolled back to step_0000004") == 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    assert recovery.damage(run_dir / "checkpoints" / "step_0000004") is None
+    assert checkpoint.damage(run_dir / "checkpoints" / "step_0000004") is None
 
 
 # ---- roll_back's decisions, without DeepSpeed -----------------------------------------------------------
-
-class _Cfg:
-    max_skips, max_rollbacks = 2, 1
-
 
 def _fake_checkpoint(run_dir, step, cursor):
     ckpt = run_dir / "checkpoints" / checkpoint.tag_for(step)
@@ -125,13 +132,14 @@ def test_roll_back_picks_the_newest_sound_checkpoint_not_after_the_current_step(
                         {"step": int(ckpt.name[5:]), "tokens": 99, "cursor": 32})
     monkeypatch.setattr(checkpoint, "saved_layout", lambda ckpt: {})
     monkeypatch.setattr(checkpoint, "engine_layout", lambda engine: {})
-    state = {"step": 8, "cursor": 64, "tokens": 4096}
-    assert recovery.roll_back(object(), tmp_path, state, _Cfg, 2) == sound and loaded == [sound]
-    assert state == {"step": 4, "cursor": 64, "tokens": 99, "rollbacks": 1}
+    state = TrainState(step=8, cursor=64, tokens=4096, skips_in_a_row=2)
+    assert recovery.roll_back(checkpoint.Checkpointer(tmp_path), object(), state, 2, 1) == sound and loaded == [sound]
+    assert (state.step, state.cursor, state.tokens, state.rollbacks) == (4, 64, 99, 1)
     with pytest.raises(UserError, match=r"after 1 rollback\(s\) \(limit --max-rollbacks 1\)"):
-        recovery.roll_back(object(), tmp_path, state, _Cfg, 2)
+        recovery.roll_back(checkpoint.Checkpointer(tmp_path), object(), state, 2, 1)
 
 
 def test_roll_back_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint to roll back to yet .*--save-every"):
-        recovery.roll_back(object(), tmp_path, {"step": 3, "cursor": 24, "tokens": 0}, _Cfg, 2)
+        recovery.roll_back(checkpoint.Checkpointer(tmp_path), object(), TrainState(step=3, cursor=24, skips_in_a_row=2),
+                           2, 1)

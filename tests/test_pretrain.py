@@ -235,3 +235,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
     assert result["stopped"] == "signal SIGTERM" and 3 <= result["step"] < 100000
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{result['step']:07d}" and (run / "checkpoints" / latest / "COMPLETE").is_file()
+
+
+def test_zero3_on_two_ranks_evaluates_an_odd_number_of_batches_and_examples(tiny_data, tmp_path):
+    """Every rank runs the same number of forwards in evaluation: under ZeRO-3 each forward gathers the
+    parameters collectively, and one validation batch (or 5 HellaSwag examples) on 2 ranks used to leave
+    one rank waiting for a forward the other never ran (a hang after training)."""
+    run = tmp_path / "run"
+    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "2",
+             "--ds-config", "zero3_bf16", "--global-batch", "8", "--set", "n_embd=256", "--eval-every", "2",
+             "--eval-batches", "1", "--hellaswag-every", "2",
+             "--hellaswag-jsonl", str(REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl")],
+            launcher=("deepspeed", 2), timeout=240)
+    records = metrics(run)
+    assert [r["step"] for r in records if "val_loss" in r] == [2]
+    assert [r["hellaswag_n"] for r in records if "hellaswag_n" in r] == [5]
+
+
+def test_throughput_counts_training_time_only(tiny_data, tmp_path):
+    """Evaluation and saves are timed on their own records; tokens/s right after them is not diluted
+    (it read 4x lower right after an evaluation than right before)."""
+    run = tmp_path / "run"
+    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "12",
+             "--ds-config", "zero2_fp32", "--eval-every", "3", "--eval-batches", "60", "--save-every", "3"])
+    records = metrics(run)
+    evals = [r for r in records if "val_loss" in r]
+    saves = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if '"save"' in line]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert [r["step"] for r in evals] == [3, 6, 9, 12] and [r["step"] for r in saves] == [3, 6, 9, 12]
+    step_seconds = 8 * 64 / sorted(r["tokens_per_s"] for r in steps.values())[len(steps) // 2]
+    assert all(r["eval_seconds"] > 3 * step_seconds for r in evals), (evals, step_seconds)  # evaluation is slow here
+    assert all(r["seconds"] > 0 and r["checkpoint"] == f"step_{r['step']:07d}" for r in saves)
+    after = [steps[r["step"] + 1]["tokens_per_s"] for r in evals[:-1]]
+    others = [steps[s]["tokens_per_s"] for s in steps if s - 1 not in (3, 6, 9)]
+    assert min(after) > 0.5 * sorted(others)[len(others) // 2], (after, others)

@@ -8,6 +8,7 @@ restore is what makes it exact). Params and Adam moments are compared after each
 that builds the engine the way pretrain does and dumps DeepSpeed's full fp32 views.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,6 +99,34 @@ def test_paused_and_resumed_run_equals_uninterrupted_bitwise(data, reference, tm
         assert curve(run, key) == curve(reference, key), key  # bitwise: == on floats
 
 
+def cosine(step, max_lr, min_lr, total, warmup=2):
+    """Warmup + cosine, written out independently of trainer/optim.py."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
+
+
+def test_changed_optimizer_settings_take_effect_on_resume(data, tmp_path):
+    """DeepSpeed restores the checkpoint's lr, betas, eps and weight decay; the run's flags must win from the
+    resume step on (the rollback advice is "lower --lr and resume"), and the run says what changed."""
+    run = tmp_path / "run"
+    pretrain(data, run, "zero2_bf16", 1, "--stop-after-steps", "3")
+    proc = pretrain(data, run, "zero2_bf16", 1, "--lr", "1e-3", "--min-lr", "1e-4", "--beta2", "0.99", "--eps", "1e-6",
+                    "--weight-decay", "0.05", "--max-steps", "8")
+    assert ("resuming with changed settings, in effect from step 4: lr 0.003 -> 0.001; min-lr 0.0003 -> 0.0001; "
+            "beta2 0.95 -> 0.99; eps 1e-08 -> 1e-06; weight-decay 0.1 -> 0.05; run length 6 -> 8 steps (the LR "
+            "schedule now ends at step 8)") in proc.stdout
+    starts = [e["hyperparameters"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+              if e["event"] == "start"]
+    decay, no_decay = starts[1]["decay"], starts[1]["no_decay"]  # read from the optimizer DeepSpeed steps with
+    assert (decay["betas"], decay["eps"], decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.05)
+    assert (no_decay["betas"], no_decay["eps"], no_decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.0)
+    assert decay["lr"] == pytest.approx(cosine(3, 1e-3, 1e-4, 8), rel=1e-12)
+    applied = curve(run, "lr")
+    assert applied == pytest.approx([cosine(s, 3e-3, 3e-4, 6) for s in range(3)] +
+                                    [cosine(s, 1e-3, 1e-4, 8) for s in range(3, 8)], rel=1e-12)
+
+
 PROBE = textwrap.dedent('''
     """Build the engine as pretrain does for CKPT under DS_CONFIG on this many ranks, load, dump fp32 views."""
     import sys
@@ -123,12 +152,12 @@ PROBE = textwrap.dedent('''
     load_path, ds = checkpoint.prepare_resume(ckpt, world, ds, client["global_batch"])
     torch.manual_seed(12345)  # different init: everything must come from the checkpoint
     model = models.GPT(models.ModelConfig(**client["model_config"]))
-    engine, _, scheduler = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds, lambda s: 1.0)
-    checkpoint.load(engine, ckpt, load_path)
+    engine = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds)
+    loaded = checkpoint.load(engine, ckpt, load_path)
     # DeepSpeed links the per-parameter views of the Adam state lazily, at the first step; link them now.
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
-    dump = {"lr": scheduler.get_last_lr()[0]}
+    dump = {"step": loaded["step"]}  # the LR is a function of the step (trainer/optim.py)
     for name, p in engine.module.named_parameters():
         dump[name] = [safe_get_full_fp32_param(p).float()] + [
             safe_get_full_optimizer_state(p, k).float() for k in ("exp_avg", "exp_avg_sq")]
@@ -149,7 +178,7 @@ def max_diff(a: dict, b: dict) -> dict:
     assert a.keys() == b.keys()
     worst = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
     for name in a:
-        if name == "lr":
+        if name == "step":
             continue
         for kind, x, y in zip(worst, a[name], b[name]):
             worst[kind] = max(worst[kind], (x - y).abs().max().item())
@@ -178,7 +207,7 @@ def test_zero2_two_ranks_to_zero1_one_rank_and_back(data, reference, tmp_path):
         a, b = probe(ckpt, native, native_ranks, tmp_path), probe(ckpt, other, other_ranks, tmp_path)
         diffs = max_diff(a, b)
         print(ckpt.name, native, "->", other, diffs)
-        assert a["lr"] == b["lr"]
+        assert a["step"] == b["step"]
         assert diffs == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
 
 

@@ -4,15 +4,14 @@
     python tools/zero_to_fp32.py runs/demo out/demo --tag 100        # or step_0000100
     python tools/zero_to_fp32.py runs/demo/checkpoints/step_0000100 out/demo-hf --hf
 
-The fp32 master weights are gathered with DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`
-(lazy mode: one tensor materialised at a time, not every optimizer shard at once), loaded strictly
+The fp32 master weights are gathered by trainer.checkpoint's consolidation (DeepSpeed's own
+`get_fp32_state_dict_from_zero_checkpoint` in lazy mode: one tensor materialised at a time), loaded strictly
 into a model rebuilt from the ModelConfig stored in the checkpoint (so a tied lm_head comes back
 tied, DeepSpeed issues #1896 / #3824), and written as `model.safetensors` + `config.json`. With
 `--hf` the directory is what `transformers.AutoModelForCausalLM.from_pretrained` loads
 (GPT2LMHeadModel for GPT-2, LlamaForCausalLM for GPT-2.5), and the export is checked by reloading it
 with transformers and comparing logits with ours on a sample.
 """
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,28 +28,6 @@ from trainer import checkpoint
 from trainer.errors import UserError
 
 LOGITS_ATOL = 1e-4  # fp32 both sides; differences are summation order only (measured ~1e-6 on tiny)
-
-
-def consolidate(ckpt: Path) -> tuple[dict, dict]:
-    """(fp32 state dict exactly as DeepSpeed consolidates it, client_state) of one checkpoint dir."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    states = torch.load(checkpoint.model_states_file(ckpt), map_location="cpu", weights_only=False, mmap=True)
-    client = {k: v for k, v in states.items() if k not in checkpoint._DEEPSPEED_KEYS}
-    if not any(ckpt.glob("*optim_states.pt")):
-        # ZeRO-0: DeepSpeed's consolidation needs ZeRO shards; the trainer's reader covers this case.
-        state, client = checkpoint.consolidated_state_dict(ckpt)
-        return state, client
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is for results / --json
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-    state, seen = {}, {}
-    for name, tensor in lazy.items():
-        if id(tensor) in seen:  # a shared (tied) parameter: the same tensor, once
-            state[name] = state[seen[id(tensor)]]
-            continue
-        seen[id(tensor)] = name
-        state[name] = tensor.contiguous()
-    return state, client
 
 
 def build_model(state: dict, client: dict, ckpt: Path) -> "models.GPT":
@@ -75,7 +52,7 @@ def export(path, out_dir, tag: Optional[str] = None, hf: bool = False, log=print
     ckpt = checkpoint.resolve_checkpoint(path, tag)
     marker = checkpoint.check_shards(ckpt)
     log(f"consolidating {ckpt}" + (f" (ZeRO-{marker['zero_stage']} on {marker['world_size']} ranks)" if marker else ""))
-    state, client = consolidate(ckpt)
+    state, client = checkpoint.consolidated_state_dict(ckpt)
     model = build_model(state, client, ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

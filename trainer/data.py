@@ -210,14 +210,16 @@ class ValStream:
         self.batch_size = batch_size
         self.num_batches = self.windows.count // batch_size
 
-    def batches(self, n_batches: int, rank: int = 0, world: int = 1):
+    def count(self, n_batches: int) -> int:
+        """How many batches an evaluation of `n_batches` scores (an error if there is none)."""
         if self.num_batches == 0:
             raise UserError(f"{self.dataset.path} has no validation batch of {self.batch_size} x {self.windows.seq_len + 1}"
                             " tokens; re-convert with a larger --val-tokens, or pass --eval-every 0")
-        n = min(n_batches, self.num_batches)
-        for b in range(rank, n, world):
-            rows = np.stack([self.windows.get(b * self.batch_size + i) for i in range(self.batch_size)])
-            yield _to_inputs_targets(rows)
+        return min(n_batches, self.num_batches)
+
+    def batch(self, b: int):
+        rows = np.stack([self.windows.get(b * self.batch_size + i) for i in range(self.batch_size)])
+        return _to_inputs_targets(rows)
 
 
 def _to_inputs_targets(rows: np.ndarray):

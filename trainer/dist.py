@@ -5,10 +5,8 @@ Launchers (deepspeed, torchrun) set RANK / WORLD_SIZE / LOCAL_RANK in the enviro
 in single-process defaults with a free port.
 """
 import os
-import random
 import socket
 
-import numpy as np
 import torch
 
 
@@ -67,7 +65,37 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def rank_share(n: int, rank: int, world: int) -> list:
+    """The items 0..n-1 this rank handles (round robin), padded with None to ceil(n / world) entries.
+
+    Every rank must run the same number of forward passes: under ZeRO-3 each forward gathers the
+    parameters collectively, and a rank with one forward more than the others would wait forever.
+    A None entry is a forward on some real input whose result the caller discards.
+    """
+    per_rank = -(-n // world)
+    return [i if i < n else None for i in range(rank, per_rank * world, world)]
+
+
+def _several_ranks() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op on one rank)."""
+    if _several_ranks():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a new fp32 tensor)."""
+    out = all_reduce_sum(tensor.detach().float().clone())
+    return out / world_size() if _several_ranks() else out
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (a new fp32 tensor)."""
+    out = tensor.detach().float().clone()
+    if _several_ranks():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return out

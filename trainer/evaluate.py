@@ -66,12 +66,6 @@ def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and dist.world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
 # ---- perplexity ----------------------------------------------------------------------------------
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -107,9 +101,11 @@ def window_nlls(model, tokens: torch.Tensor, windows, batch_size: int, device, p
         current.append(i)
     if current:
         batches.append(current)
-    mine = batches[rank::world]
+    mine = dist.rank_share(len(batches), rank, world)
     bar = tqdm(total=len(mine), disable=not progress, desc="eval-ppl", unit="batch", dynamic_ncols=True, file=sys.stderr)
-    for batch in mine:
+    for b in mine:
+        padding = b is None  # the same number of forwards on every rank (dist.rank_share); its result is dropped
+        batch = batches[0 if padding else b]
         rows = torch.stack([tokens[windows[i][0]:windows[i][1]] for i in batch])
         x = rows[:, :-1]
         y = rows[:, 1:].clone()
@@ -117,9 +113,11 @@ def window_nlls(model, tokens: torch.Tensor, windows, batch_size: int, device, p
             begin, _, first = windows[i]
             y[r, :first - begin - 1] = IGNORE_INDEX  # already scored by the previous window
         losses = model(x.to(device, non_blocking=True), y.to(device), reduction="none").double().cpu()
+        bar.update(1)
+        if padding:
+            continue
         nll[batch] = losses.sum(dim=1)
         count[batch] = (y != IGNORE_INDEX).sum(dim=1).double()
-        bar.update(1)
     bar.close()
     return nll, count
 
@@ -138,7 +136,7 @@ def perplexity(model, tokens, context: int, stride: int, batch_size: int = 8, de
     windows = sliding_windows(tokens.numel(), context, stride)
     nll, count = window_nlls(model, tokens, windows, batch_size, device, progress, dist.rank(), dist.world_size())
     if dist.world_size() > 1:
-        both = all_reduce_sum(torch.stack([nll, count]).to(device))
+        both = dist.all_reduce_sum(torch.stack([nll, count]).to(device))
         nll, count = both[0].cpu(), both[1].cpu()
     total_nll, total_tokens = float(nll.sum()), int(count.sum())
     mean = total_nll / total_tokens
@@ -371,14 +369,17 @@ def hellaswag(model, tokenizer, examples, device, progress: bool = False) -> dic
     examples are split across ranks when torch.distributed is initialised."""
     rank, world = dist.rank(), dist.world_size()
     counts = torch.zeros(3, dtype=torch.float64)
-    mine = examples[rank::world]
-    for example in tqdm(mine, disable=not progress, desc="hellaswag", dynamic_ncols=True, file=sys.stderr):
+    mine = dist.rank_share(len(examples), rank, world)  # the same number of forwards on every rank
+    for i in tqdm(mine, disable=not progress, desc="hellaswag", dynamic_ncols=True, file=sys.stderr):
+        example = examples[i if i is not None else 0]
         sums, means = score_example(model, tokenizer, example, device)
+        if i is None:  # padding: scored by no rank's count
+            continue
         counts[0] += int(np.argmin(sums)) == example.label
         counts[1] += int(np.argmin(means)) == example.label
         counts[2] += 1
     if world > 1:
-        counts = all_reduce_sum(counts.to(device)).cpu()
+        counts = dist.all_reduce_sum(counts.to(device)).cpu()
     n = int(counts[2])
     return {"acc": float(counts[0]) / n, "acc_norm": float(counts[1]) / n, "n": n}
 

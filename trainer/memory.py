@@ -128,9 +128,8 @@ def model_config(preset: str, overrides: dict | None = None):
     overrides = dict(overrides or {})
     try:
         cfg = models.get_config(preset, **overrides)
-        if "padded_vocab_size" not in overrides:
-            # Same rounding as pretrain.build_model_config: rows to a multiple of 64 (50257 -> 50304).
-            cfg = dataclasses.replace(cfg, padded_vocab_size=((cfg.vocab_size + 63) // 64) * 64)
+        if "padded_vocab_size" not in overrides:  # as pretrain.build_model_config pads it
+            cfg = dataclasses.replace(cfg, padded_vocab_size=models.padded_vocab_size(cfg.vocab_size))
     except (ValueError, TypeError) as e:
         raise UserError(str(e))
     return cfg

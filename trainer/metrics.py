@@ -86,8 +86,22 @@ def memory_gb() -> Optional[float]:
     return None
 
 
+def _append_lines(path: Path):
+    """Open a JSON-lines file for appending, line-buffered; a last line cut short by a kill is ended first, so
+    the next record starts on a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a", buffering=1)
+
+
 class MetricsWriter:
-    """Rank-0 writer: one JSON object per line in RUN/metrics.jsonl, plus TensorBoard and optional W&B."""
+    """Rank-0 writer: one JSON object per line in RUN/metrics.jsonl (per-step metrics) and RUN/events.jsonl
+    (what happened to the run), plus TensorBoard and optional W&B."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, wandb_project: Optional[str] = None,
                  config: Optional[dict] = None):
@@ -97,7 +111,9 @@ class MetricsWriter:
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a", buffering=1)
+        self.file = _append_lines(self.path)
+        self.events = _append_lines(Path(run_dir) / "events.jsonl")
+        self.lines = sum(1 for _ in open(self.path))  # complete records before this run's first
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -124,10 +140,16 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+    def event(self, record: dict) -> None:
+        """One line in RUN/events.jsonl: what happened to the run (start or resume, save, rollback)."""
+        if self.enabled:
+            self.events.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}) + "\n")
+
     def close(self) -> None:
         if not self.enabled:
             return
         self.file.close()
+        self.events.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

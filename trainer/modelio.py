@@ -94,16 +94,7 @@ def _is_run_dir(path: Path) -> bool:
 def _checkpoint_of_run(run: Path) -> Path:
     from trainer import checkpoint
 
-    latest = checkpoint.checkpoints_dir(run) / checkpoint.LATEST
-    if latest.is_file():
-        ckpt = checkpoint.checkpoints_dir(run) / latest.read_text().strip()
-        if checkpoint.is_complete(ckpt):
-            return ckpt
-    complete = checkpoint.complete_checkpoints(run)
-    if not complete:
-        raise UserError(f"run directory {run} has no complete checkpoint yet (nothing in {run}/checkpoints has a "
-                        f"{checkpoint.MARKER} marker); wait for the first save or pass another --model-path")
-    return complete[-1]
+    return checkpoint.resolve_checkpoint(run)  # the one rule: newest complete and sound checkpoint
 
 
 def _tag_in_run(path: Path) -> Optional[Path]:
@@ -257,13 +248,16 @@ def load_weights_into(model: torch.nn.Module, path) -> dict:
     Only the padded vocabulary rows may differ (pretrain pads to a multiple of 64; HF models do not):
     the real rows are copied, pad rows are zeroed.
     """
+    from trainer.checkpoint import architecture_differences
+
     source, _, info = load_model(path)
-    mine, theirs = model.config, source.config
-    ignore = {"dropout", "activation_checkpointing", "padded_vocab_size"}
-    diff = [f"{f.name} {getattr(theirs, f.name)!r} vs {getattr(mine, f.name)!r}"
-            for f in dataclasses.fields(mine) if f.name not in ignore and getattr(mine, f.name) != getattr(theirs, f.name)]
+    mine = model.config
+    # Vocabulary padding may differ (pretrain pads to a multiple of 64, HF models do not): real rows are copied.
+    diff = architecture_differences(dataclasses.asdict(source.config), dataclasses.asdict(mine),
+                                    tolerate=("padded_vocab_size",))
     if diff:
-        raise UserError(f"--init-from {path}: its architecture differs from this run's model ({'; '.join(diff)}); "
+        named = "; ".join(f"{k} {theirs!r} vs {mine!r}" for k, theirs, mine in diff)
+        raise UserError(f"--init-from {path}: its architecture differs from this run's model ({named}); "
                         "pick the matching --model preset or --set overrides")
     state = source.state_dict()
     target = model.state_dict()

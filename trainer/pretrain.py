@@ -1,33 +1,39 @@
-"""The pretraining loop: data, model and DeepSpeed engine in, checkpoints and metrics out.
+"""Pretraining: build a run (data, model, DeepSpeed engine, checkpoints, log), then the loop.
 
-The loop follows DeepSpeed's idiom (STYLE.md, convention 8): for each micro-batch `engine(x, y)`
-(the model's own loss, models/loss.py, the one eval-ppl scores), `engine.backward`, `engine.step`; DeepSpeed scales for accumulation and steps
-the optimizer and the LR schedule on accumulation boundaries, where we also log, evaluate and
-save. A step whose gradients are not finite is skipped by DeepSpeed on every rank (bf16/fp16
-overflow check); we count it and stop after `max_skips` in a row.
-
-Data order is a pure function of (seed, dataset, seq_len, global batch, cursor), so resuming
-from a checkpoint's cursor continues with exactly the batches an uninterrupted run would see.
+The loop (`train`) follows DeepSpeed's idiom for each micro-batch, `engine(x, y)` (the model's own
+loss, models/loss.py, the one eval-ppl scores), `engine.backward`, `engine.step`; DeepSpeed scales
+for accumulation and steps the optimizer on accumulation boundaries. After each optimizer step every
+component decides for itself whether the step is its turn: the log, the non-finite-step guard
+(trainer/recovery.py), validation, HellaSwag, the stop policy (trainer/stop.py) and the checkpointer
+(trainer/checkpoint/). The learning rate is set by the trainer before every step (trainer/optim.py).
 """
 import dataclasses
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import models
-from trainer import checkpoint, dist, engine as ds_engine, hostmem, recovery
-from trainer.config import TrainConfig, parse_duration, save_yaml
+from trainer import dist, engine as ds_engine, hostmem, recovery
+from trainer.checkpoint import Checkpointer
+from trainer.config import TrainConfig, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
 from trainer.errors import UserError
-from trainer.metrics import MetricsWriter, memory_gb, peak_flops
-from trainer.optim import lr_at, param_groups
+from trainer.metrics import peak_flops
+from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
+                           set_lr)
+from trainer.runlog import RunLog
+from trainer.state import TrainState
+from trainer.stop import StopPolicy
+from trainer.validation import validation_loss
+
+# Settings a resumed run may change; they take effect from the resume step (trainer/optim.py).
+RESUMABLE_CHANGES = ("lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "beta1", "beta2", "eps",
+                     "weight_decay", "grad_clip")
 
 
 @dataclass
@@ -107,61 +113,14 @@ def build_model_config(cfg: TrainConfig, dataset: Dataset) -> "models.ModelConfi
         raise UserError(f"--set vocab_size={overrides['vocab_size']} does not match the dataset's tokenizer "
                         f"({dataset.tokenizer_spec}, vocab {dataset.vocab_size}); drop the override")
     overrides["vocab_size"] = dataset.vocab_size
-    if "padded_vocab_size" not in overrides:
-        # Round the embedding / head rows up to a multiple of 64 for fast matmuls (50257 -> 50304);
-        # the pad logits are never returned, so never sampled or scored.
-        overrides["padded_vocab_size"] = ((dataset.vocab_size + 63) // 64) * 64
+    overrides.setdefault("padded_vocab_size", models.padded_vocab_size(dataset.vocab_size))
     try:
         return models.get_config(cfg.model, **overrides)
     except (ValueError, TypeError) as e:
         raise UserError(str(e))
 
 
-class StopFlag:
-    """SIGTERM / SIGINT ask the loop to save and exit at the next step boundary."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-
-def evaluate(engine, val: ValStream, n_batches: int, device) -> float:
-    """Mean validation loss over the fixed validation batches (token-weighted, all ranks)."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for x, y in val.batches(n_batches, dist.rank(), dist.world_size()):
-            x, y = x.to(device), y.to(device)
-            total[0] += engine(x, y, reduction="sum").double()
-            total[1] += y.numel()
-    engine.train()
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def run(cfg: TrainConfig, json_output: bool = False) -> dict:
-    ds_engine.init_distributed()
-    rank, world = dist.rank(), dist.world_size()
-    hostmem.keep_freed_memory(ds_engine.device())
-    run_dir = Path(cfg.out)
-    dataset = open_dataset(cfg)
-    model_cfg = build_model_config(cfg, dataset)
-    plan = plan_batches(cfg, model_cfg.block_size, world)
-    stream = TrainStream(dataset, plan.seq_len, plan.global_batch, cfg.seed)
-    val = ValStream(dataset, plan.seq_len, plan.micro_batch)
-    steps = total_steps(cfg, plan, stream)
-    deadline = time.time() + parse_duration(cfg.max_time) if cfg.max_time else None
-
-    ds_base = ds_engine.load_ds_config(cfg.ds_config)
-    ds_config = ds_engine.build_ds_config(
-        ds_base, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum, world_size=world,
-        grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
+def build_model(cfg: TrainConfig, model_cfg: "models.ModelConfig") -> "models.GPT":
     torch.manual_seed(cfg.seed)
     model = models.GPT(model_cfg)
     if cfg.init_from:
@@ -169,171 +128,221 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
 
         load_weights_into(model, cfg.init_from)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    return model
 
-    def lr_lambda(step: int) -> float:
-        return lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=steps,
-                     schedule=cfg.schedule, decay_frac=cfg.decay_frac) / cfg.lr
+
+@dataclass
+class Run:
+    """Everything the loop works with."""
+    cfg: TrainConfig
+    dataset: Dataset
+    model_cfg: "models.ModelConfig"
+    plan: BatchPlan
+    stream: TrainStream
+    val: ValStream
+    total_steps: int
+    engine: object
+    groups: list                  # parameter group names, in the optimizer's order
+    state: TrainState
+    checkpointer: Checkpointer
+    stop: StopPolicy
+    log: Optional[RunLog] = None
+    hellaswag: object = None      # trainer.periodic.PeriodicHellaSwag, or None
+    last_val: Optional[float] = None
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, max_lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps, total_steps=self.total_steps,
+                     schedule=c.schedule, decay_frac=c.decay_frac)
+
+    def client_state(self) -> dict:
+        """What every checkpoint carries besides DeepSpeed's own state (DESIGN: checkpoints describe themselves)."""
+        return {**self.state.client_state(), "train_config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(self.model_cfg), "tokenizer": self.dataset.tokenizer_spec,
+                "world_size": dist.world_size(), "zero_stage": self.engine.zero_optimization_stage(),
+                "global_batch": self.plan.global_batch, "seq_len": self.plan.seq_len,
+                "total_steps": self.total_steps}
+
+
+def setup(cfg: TrainConfig) -> Run:
+    ds_engine.init_distributed()
+    world = dist.world_size()
+    hostmem.keep_freed_memory(ds_engine.device())
+    dataset = open_dataset(cfg)
+    model_cfg = build_model_config(cfg, dataset)
+    plan = plan_batches(cfg, model_cfg.block_size, world)
+    stream = TrainStream(dataset, plan.seq_len, plan.global_batch, cfg.seed)
+    steps = total_steps(cfg, plan, stream)
+    ds_config = ds_engine.build_ds_config(
+        ds_engine.load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+        world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay)
+    model = build_model(cfg, model_cfg)
 
     # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
-    resume_from = recovery.find_resume(run_dir, cfg.resume)  # skips (and names) damaged checkpoints
-    if resume_from is not None:
-        checkpoint.check_model(resume_from, dataclasses.asdict(model_cfg))
-        load_path, ds_config = checkpoint.prepare_resume(resume_from, world, ds_config, plan.global_batch)
-    engine, _, scheduler = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds_config, lr_lambda)
-    device = engine.device
+    checkpointer = Checkpointer(cfg.out, cfg.save_every, cfg.keep_last)
+    if checkpointer.choose(cfg.resume) is not None:
+        ds_config = checkpointer.prepare(dataclasses.asdict(model_cfg), ds_config, world, plan.global_batch)
+    groups = param_groups(model, cfg.weight_decay)
+    engine = ds_engine.initialize(model, groups, ds_config)
     if cfg.compile:
         ds_engine.compile_model(engine)
+    state = TrainState()
+    if checkpointer.resume_from is not None:
+        client = checkpointer.load(engine)
+        state = TrainState.from_client_state(client)
+        dist.print0(f"resumed from {checkpointer.resume_from} at step {state.step} ({state.tokens:,} tokens seen)")
+        _report_changes(client, cfg, steps, state.step)
+    checkpointer.start_timeline(state.step)
+    # DeepSpeed restored the checkpoint's betas / eps / weight decay: this run's settings apply from here on.
+    apply_hyperparameters(engine.optimizer, group_names(groups), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          weight_decay=cfg.weight_decay)
+    return Run(cfg=cfg, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
+               val=ValStream(dataset, plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
+               groups=group_names(groups), state=state, checkpointer=checkpointer,
+               stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
 
-    state = {"step": 0, "cursor": 0, "tokens": 0, "skipped_total": 0}
-    client = checkpoint.load(engine, resume_from, load_path) if resume_from is not None else {}
-    state.update({k: client[k] for k in state if k in client})
-    steps_at_start = state["step"]  # --stop-after-steps counts from here
-    if resume_from is not None:
-        dist.print0(f"resumed from {resume_from} at step {state['step']} ({state['tokens']:,} tokens seen)")
-    elif cfg.resume == "auto" and checkpoint.checkpoints_dir(run_dir).is_dir() and any(
-            checkpoint.checkpoints_dir(run_dir).glob("step_*")):
-        dist.print0(f"note: {checkpoint.checkpoints_dir(run_dir)} holds no complete checkpoint; starting fresh")
 
+def _report_changes(client: dict, cfg: TrainConfig, steps: int, step: int) -> None:
+    """One line naming every setting that differs from the checkpoint's run; they apply from `step` on."""
+    saved = client.get("train_config") or {}
+    changes = [f"{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in RESUMABLE_CHANGES
+               if k in saved and saved[k] != getattr(cfg, k)]
+    saved_steps = client.get("total_steps", saved.get("max_steps"))
+    if isinstance(saved_steps, int) and saved_steps != steps:
+        changes.append(f"run length {saved_steps} -> {steps} steps (the LR schedule now ends at step {steps})")
+    if changes:
+        dist.print0(f"resuming with changed settings, in effect from step {step + 1}: {'; '.join(changes)}")
+
+
+def start_log(run: Run) -> RunLog:
+    """Write the run directory's config files and open the log (progress bar, metrics, TensorBoard)."""
+    cfg, plan = run.cfg, run.plan
+    run_dir = Path(cfg.out)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(dataclasses.replace(cfg, seq_len=plan.seq_len, grad_accum=plan.grad_accum, max_steps=steps),
+        save_yaml(dataclasses.replace(cfg, seq_len=plan.seq_len, grad_accum=plan.grad_accum, max_steps=run.total_steps),
                   run_dir / "config.yaml")
-        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2))
-    # --no-tracking turns off TensorBoard and W&B; metrics.jsonl is part of the run directory and stays.
-    writer = MetricsWriter(run_dir, enabled=dist.is_main(), tensorboard=cfg.tracking,
-                           wandb_project=cfg.wandb_project if cfg.tracking else None, config=cfg.to_dict())
-    flops_per_token = model.flops_per_token(plan.seq_len)
-    peak, peak_source = peak_flops(torch.bfloat16 if ds_engine.precision(ds_config) == "bf16" else torch.float32) \
+        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(run.model_cfg), indent=2))
+    model = run.engine.module
+    peak, peak_source = peak_flops(torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32) \
         if dist.is_main() else (0.0, "")
-    dist.print0(f"model {cfg.model}: {model.num_params():,} parameters | data {dataset.path} "
-                f"({dataset.train_tokens:,} train tokens, tokenizer {dataset.tokenizer_spec})")
-    dist.print0(f"{world} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
+    log = RunLog(run_dir, cfg, run.total_steps, run.state.step, run.state.tokens, model.flops_per_token(plan.seq_len),
+                 peak, dist.world_size(), run.device)
+    set_lr(run.engine.optimizer, run.lr_at(run.state.step))
+    resumed = run.checkpointer.resume_from
+    log.event({"event": "start", "step": run.state.step, "resumed_from": str(resumed) if resumed else None,
+               "total_steps": run.total_steps, "world_size": dist.world_size(),
+               "zero_stage": run.engine.zero_optimization_stage(), "precision": _precision(run.engine),
+               "hyperparameters": hyperparameters_in_effect(run.engine.optimizer, run.groups)})
+    dist.print0(f"model {cfg.model}: {model.num_params():,} parameters | data {run.dataset.path} "
+                f"({run.dataset.train_tokens:,} train tokens, tokenizer {run.dataset.tokenizer_spec})")
+    dist.print0(f"{dist.world_size()} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
-                f"ZeRO-{ds_engine.zero_stage(ds_config)} {ds_engine.precision(ds_config)} "
-                f"({ds_engine.resolve_ds_config_path(cfg.ds_config).name}) | {steps} steps | MFU vs {peak_source}")
+                f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
+                f"({ds_engine.resolve_ds_config_path(cfg.ds_config).name}) | {run.total_steps} steps | MFU vs {peak_source}")
+    return log
 
-    def client_state() -> dict:
-        return {**state, "train_config": cfg.to_dict(), "model_config": dataclasses.asdict(model_cfg),
-                "tokenizer": dataset.tokenizer_spec, "world_size": world,
-                "zero_stage": ds_engine.zero_stage(ds_config), "global_batch": plan.global_batch,
-                "seq_len": plan.seq_len}
 
-    # --max-time stops early enough for one more step and a save: the longest of each seen so far.
-    slowest = {"step": 0.0, "save": 0.0}
+def _precision(engine) -> str:
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
 
-    def save() -> Path:
+
+def train_step(run: Run) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over the global batch; returns (mean loss of this rank's micro-batches, skipped)."""
+    engine, plan, state = run.engine, run.plan, run.state
+    x, y = run.stream.local_batch(state.cursor, dist.rank(), dist.world_size())
+    loss_sum = torch.zeros((), device=run.device)
+    skipped_before = engine.skipped_steps
+    for i in range(plan.grad_accum):
+        rows = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
+        loss = engine(x[rows].to(run.device, non_blocking=True), y[rows].to(run.device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach()
+    skipped = engine.skipped_steps > skipped_before  # DeepSpeed skipped the update on every rank
+    state.advance(plan.global_batch, plan.seq_len, skipped)
+    return loss_sum / plan.grad_accum, skipped
+
+
+def train(run: Run) -> str:
+    """The loop; returns why it ended ("finished", a signal, "max-time reached", "--stop-after-steps")."""
+    state, engine, cfg = run.state, run.engine, run.cfg
+    while state.step < run.total_steps:
         started = time.perf_counter()
-        path = recovery.save(engine, run_dir, state["step"], client_state(), keep_last=cfg.keep_last)
-        slowest["save"] = max(slowest["save"], time.perf_counter() - started)
-        return path
+        lr = run.lr_at(state.step)
+        set_lr(engine.optimizer, lr)
+        loss, skipped = train_step(run)
+        last = state.step >= run.total_steps
+        run.log.step(state, loss, lr, engine.get_global_grad_norm(), skipped, last)
+        if skipped:
+            run.log.say(f"step {state.step}: non-finite gradients, update skipped on all ranks "
+                        f"({state.skips_in_a_row} in a row, {state.skipped} in total)")
+            if state.skips_in_a_row >= cfg.max_skips:
+                ckpt = recovery.roll_back(run.checkpointer, engine, state, cfg.max_skips, cfg.max_rollbacks)
+                run.log.event({"event": "rollback", "step": state.step, "checkpoint": ckpt.name, "cursor": state.cursor})
+                run.log.restart_window(state)
+                continue  # no eval or save of the step just restored
+        validate_if_due(run, last)
+        hellaswag_if_due(run, last)
+        reason = run.stop.reason(state.step, time.perf_counter() - started, run.checkpointer.slowest_save)
+        if reason or run.checkpointer.due(state.step, last):
+            save(run)
+        if reason and not last:
+            return reason
+    return "finished"
 
-    stop = StopFlag()
-    consecutive_skips = 0
-    last_loss = last_val = None
-    stop_reason = "finished"
-    log_loss = torch.zeros((), device=device)
-    log_steps, log_t0, log_tokens0 = 0, time.perf_counter(), state["tokens"]
-    bar = tqdm(total=steps, initial=state["step"], disable=not dist.is_main(), dynamic_ncols=True,
-               desc="pretrain", unit="step")
+
+def validate_if_due(run: Run, last: bool) -> None:
+    step, every = run.state.step, run.cfg.eval_every
+    if not every or not (step % every == 0 or last):
+        return
+    with run.log.excluded() as timing:
+        run.last_val = validation_loss(run.engine, run.val, run.cfg.eval_batches, run.device)
+    run.log.record({"step": step, "val_loss": run.last_val, "eval_seconds": timing["seconds"]})
+    run.log.say(f"step {step}: val_loss {run.last_val:.4f}")
+
+
+def hellaswag_if_due(run: Run, last: bool) -> None:
+    if run.hellaswag is None or not run.hellaswag.due(run.state.step, last):
+        return
+    with run.log.excluded() as timing:
+        result = run.hellaswag.score(run.engine)
+    run.log.record({"step": run.state.step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"],
+                    "hellaswag_n": result["n"], "hellaswag_seconds": timing["seconds"]})
+    run.log.say(f"step {run.state.step}: hellaswag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                f"{result['n']} examples)")
+
+
+def save(run: Run) -> None:
+    with run.log.excluded() as timing:
+        path = run.checkpointer.save(run.engine, run.state.step, run.client_state())
+    run.log.event({"event": "save", "step": run.state.step, "checkpoint": path.name, "seconds": timing["seconds"]})
+
+
+def run(cfg: TrainConfig, json_output: bool = False) -> dict:
+    r = setup(cfg)
+    if cfg.hellaswag_every:
+        from trainer.periodic import PeriodicHellaSwag
+
+        r.hellaswag = PeriodicHellaSwag(cfg.hellaswag_jsonl, cfg.hellaswag_every, r.dataset.tokenizer_spec)
+    r.log = start_log(r)
     try:  # any error below (a failed save, a rollback that gives up) leaves the bar closed, so `Error:` starts a line
-        engine.train()
-        while state["step"] < steps:
-            step_started = time.perf_counter()
-            x, y = stream.local_batch(state["cursor"], rank, world)
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler moves on after it)
-            step_loss = torch.zeros((), device=device)
-            skipped_before = engine.skipped_steps
-            for i in range(plan.grad_accum):
-                xb = x[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
-                yb = y[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(device, non_blocking=True)
-                loss = engine(xb, yb)  # the model's own loss: no B x T x V fp32 logits (models/loss.py)
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.detach()
-            state["step"] += 1
-            state["cursor"] += plan.global_batch
-            state["tokens"] += plan.tokens_per_step
-            skipped = engine.skipped_steps - skipped_before
-            state["skipped_total"] += skipped
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
-            log_loss += step_loss / plan.grad_accum
-            log_steps += 1
-            bar.update(1)
-
-            is_last = state["step"] >= steps
-            if state["step"] % cfg.log_every == 0 or is_last or skipped:
-                mean_loss = ds_engine.all_reduce_mean(log_loss / log_steps).item()
-                elapsed = time.perf_counter() - log_t0
-                tokens_per_s = (state["tokens"] - log_tokens0) / max(elapsed, 1e-9)
-                mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-                record = {"step": state["step"], "loss": mean_loss, "lr": step_lr,
-                          "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tokens_per_s,
-                          "mfu": mfu, "skipped": state["skipped_total"]}
-                mem = memory_gb()
-                if mem is not None:
-                    record["memory_gb"] = mem
-                writer.log(record)
-                last_loss = mean_loss
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                gn=f"{grad_norm:.2f}" if grad_norm is not None and math.isfinite(grad_norm) else "nan",
-                                tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu * 100:.1f}%" if mfu is not None else "-")
-                log_loss.zero_()
-                log_steps, log_t0, log_tokens0 = 0, time.perf_counter(), state["tokens"]
-            if skipped:
-                dist.print0(f"step {state['step']}: non-finite gradients, update skipped on all ranks "
-                            f"({consecutive_skips} in a row, {state['skipped_total']} in total)")
-                if consecutive_skips >= cfg.max_skips:
-                    # back to the last good checkpoint, past the offending data; or stop (trainer/recovery.py)
-                    recovery.roll_back(engine, run_dir, state, cfg, consecutive_skips)
-                    consecutive_skips = 0
-                    bar.n = state["step"]
-                    continue  # no eval or save of the step just restored
-
-            if cfg.eval_every and (state["step"] % cfg.eval_every == 0 or is_last):
-                last_val = evaluate(engine, val, cfg.eval_batches, device)
-                writer.log({"step": state["step"], "val_loss": last_val})
-                if dist.is_main():
-                    bar.write(f"step {state['step']}: val_loss {last_val:.4f}")
-            if cfg.hellaswag_every:  # periodic HellaSwag, logged like val loss (trainer/periodic.py)
-                from trainer.periodic import maybe_hellaswag
-
-                maybe_hellaswag(engine, cfg, state["step"], dataset.tokenizer_spec, writer, last=is_last)
-
-            slowest["step"] = max(slowest["step"], time.perf_counter() - step_started)
-            margin = slowest["step"] + slowest["save"]
-            wants_stop = _agree_to_stop(stop, deadline - margin if deadline else None, device) or (  # a pause: same schedule, resume later
-                cfg.stop_after_steps and state["step"] - steps_at_start >= cfg.stop_after_steps and "--stop-after-steps")
-            if wants_stop and not is_last:
-                stop_reason = wants_stop
-                save()
-                break
-            if (cfg.save_every and state["step"] % cfg.save_every == 0) or is_last:
-                save()
+        r.engine.train()
+        stop_reason = train(r)
     finally:
-        bar.close()
-        writer.close()
-
-    result = {"run_dir": str(run_dir), "step": state["step"], "tokens": state["tokens"], "loss": last_loss,
-              "val_loss": last_val, "skipped": state["skipped_total"], "stopped": stop_reason}
+        r.log.close()
+    result = {"run_dir": str(cfg.out), "step": r.state.step, "tokens": r.state.tokens, "loss": r.log.last_loss,
+              "val_loss": r.last_val, "skipped": r.state.skipped, "stopped": stop_reason}
     if dist.is_main():
-        _print_summary(result, run_dir, stop_reason)
+        _print_summary(result, Path(cfg.out), stop_reason)
         if json_output:
             print(json.dumps(result))
     return result
-
-
-def _agree_to_stop(stop: StopFlag, deadline: Optional[float], device) -> Optional[str]:
-    """All ranks must stop at the same step, so a signal or time limit on any rank is shared."""
-    flags = torch.tensor([stop.signal is not None, deadline is not None and time.time() >= deadline],
-                         dtype=torch.float32, device=device)
-    flags = ds_engine.all_reduce_max(flags)
-    if flags[0] > 0:
-        return f"signal {stop.signal or 'on another rank'}"
-    if flags[1] > 0:
-        return "max-time reached"
-    return None
 
 
 def _print_summary(result: dict, run_dir: Path, stop_reason: str) -> None:

@@ -1,0 +1,23 @@
+"""Validation loss during training: the fixed first batches of the validation shards, scored with the
+model's own loss through the DeepSpeed engine (so ZeRO-3's gathered weights and the training
+precision are what gets scored), token-weighted over all ranks."""
+import torch
+
+from trainer import dist
+from trainer.data import ValStream
+
+
+def validation_loss(engine, val: ValStream, n_batches: int, device) -> float:
+    """Mean validation loss over min(n_batches, available) batches, split across ranks."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for b in dist.rank_share(val.count(n_batches), dist.rank(), dist.world_size()):
+            x, y = val.batch(b if b is not None else 0)
+            loss = engine(x.to(device), y.to(device), reduction="sum").double()
+            if b is not None:  # a padding forward (see dist.rank_share) scores nothing
+                total[0] += loss
+                total[1] += y.numel()
+    engine.train()
+    dist.all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
