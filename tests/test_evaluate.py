@@ -231,7 +231,7 @@ def test_tokenizer_spec_round_trip(tmp_path):
 def test_openai_gpt2_tokenizer_files_are_recognised(tmp_path):
     from trainer.tokenizer import get_tokenizer
 
-    get_tokenizer("gpt2").save_hf(tmp_path)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
+    get_tokenizer("gpt2").save_hf(tmp_path, 1024)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
     assert guess_tokenizer_spec(tmp_path) == "gpt2"
 
 

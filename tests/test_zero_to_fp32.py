@@ -87,6 +87,31 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(run, tmp_path):
         assert (hf(idx).logits - ours(idx)).abs().max().item() < 1e-4
 
 
+def test_byte_level_hf_export_generates_with_transformers_pipeline(run, tmp_path):
+    """The byte-tokenizer export carries a tokenizer transformers loads: the pipeline continues a prompt
+    exactly as our greedy `generate` does, and config and tokenizer agree on bos/eos and the length."""
+    from pydoc_data.topics import topics
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    from trainer.generate import sample
+    from trainer.modelio import load_model
+    from trainer.tokenizer import get_tokenizer
+
+    out = tmp_path / "hf"
+    assert tool(run, out, "--hf").exit_code == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    text = topics["assert"][:2000]
+    assert tokenizer.encode(text) == list(text.encode("utf-8"))
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.bos_token_id == config.eos_token_id == tokenizer.bos_token_id == tokenizer.eos_token_id == 256
+    assert tokenizer.model_max_length == config.n_positions == 64
+    prompt = "The assert statement"
+    generated = pipeline("text-generation", model=str(out))(prompt, max_new_tokens=24, do_sample=False)
+    model, spec, _ = load_model(run)
+    ours = sample(model, get_tokenizer(spec), prompt, 24, temperature=0)
+    assert ours and generated[0]["generated_text"] == prompt + ours
+
+
 def _consolidated(run, tmp_path):
     out = tmp_path / "consolidated"
     if not out.exists():
@@ -122,6 +147,11 @@ def test_gpt25_exports_to_llama_with_matching_logits(data, tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["hf_class"] == "LlamaForCausalLM" and summary["logits_max_abs_diff"] <= 1e-4
     print("llama export logits max abs diff:", summary["logits_max_abs_diff"])
+    from transformers import AutoConfig, AutoTokenizer
+
+    config, tokenizer = AutoConfig.from_pretrained(str(tmp_path / "hf")), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert config.bos_token_id == config.eos_token_id == tokenizer.bos_token_id == tokenizer.eos_token_id == 256
+    assert tokenizer.model_max_length == config.max_position_embeddings == 64
 
 
 @pytest.mark.slow
