@@ -141,8 +141,9 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
 @click.option("--hf-config", help="HF dataset config.")
 @click.option("--split", default="test", help="HF dataset split.")
 @click.option("--text-column", default="text", help="HF dataset text column (documents joined with blank lines).")
-@click.option("--context", type=int, help="Window length in tokens. [default: the model's block size]")
-@click.option("--stride", type=int, help="Tokens between window starts (= context: non-overlapping). [default: context/2]")
+@click.option("--context", type=int, help="Tokens the model sees per window. [default: the model's block size]")
+@click.option("--stride", type=int,
+              help="New tokens scored per window (= context: lm-eval's rolling loglikelihood). [default: context/2]")
 @click.option("--batch-size", type=int, default=8, help="Windows per forward pass (does not change the result).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
@@ -153,7 +154,8 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
 def eval_ppl(json_output, **options):
-    """Perplexity with a strided sliding window (HF guide method), plus bits per byte.
+    """Perplexity with a strided sliding window, plus bits per byte: every token scored once, the first
+    conditioned on end-of-text (as lm-eval's rolling loglikelihood).
 
     Data-parallel under `deepspeed --module trainer.cli eval-ppl ...` or torchrun, same result as 1 rank.
     """
