@@ -132,6 +132,27 @@ def test_partial_checkpoint_is_refused_in_plain_words(run, tmp_path):
     assert result.exit_code != 0 and "checkpoints there: step_0000002, step_0000004" in result.output
 
 
+@pytest.mark.parametrize("script, extra", [("zero_to_fp32.py", []), ("zero_to_torch.py", ["--dtype", "float32"])])
+def test_the_scripts_deepspeed_puts_beside_checkpoints_export_tied_models(run, tmp_path, script, extra):
+    """DeepSpeed copies zero_to_fp32.py / zero_to_torch.py into RUN/checkpoints and users run them with
+    --safe_serialization, which fails on tied embeddings with DeepSpeed's own ("Some tensors share memory").
+    The scripts there run from any directory and write DeepSpeed's consolidated weights, the tie kept."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(run / "checkpoints" / script), str(run / "checkpoints"),
+                           str(tmp_path / "out"), "--safe_serialization", *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_0000004")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(written) == set(reference) - {"lm_head.weight"}
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in written.items())
+    model = models.load(tmp_path / "out")
+    assert model.lm_head.weight is model.wte.weight
+
+
 def test_script_runs_from_the_command_line(run, tmp_path):
     proc = subprocess.run([sys.executable, "tools/zero_to_fp32.py", str(run / "nope"), str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True)

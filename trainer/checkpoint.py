@@ -137,6 +137,9 @@ def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> 
     torch.save(rng_state(), rng_dir / f"rank_{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
+        from trainer import zero_scripts  # ours over DeepSpeed's zero_to_fp32.py copies (tied embeddings)
+
+        zero_scripts.write(root)
         marker = {"step": step, **engine_layout(engine),
                   **{k: client_state[k] for k in ("global_batch", "seq_len", "tokens", "cursor", "model_config")
                      if k in client_state},
