@@ -16,7 +16,7 @@ def cli(local_rank):
     """Pretrain GPT-2 / GPT-2.5 models with DeepSpeed, evaluate them, export them to Hugging Face.
 
     Start with `pretrain` (no options: a one-minute offline demo on CPU), then `eval-ppl`,
-    `generate`, and `python tools/zero_to_fp32.py RUN OUT --hf`.
+    `eval-harness`, `generate`, and `python tools/zero_to_fp32.py RUN OUT --hf`.
     """
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
@@ -180,6 +180,32 @@ def eval_hellaswag(**options):
     from trainer import evaluate
 
     evaluate.run_hellaswag(**options)
+
+
+@cli.command("eval-harness", context_settings={"show_default": True})
+@click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
+@click.option("--tasks", required=True,
+              help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,lambada_openai,arc_easy,piqa,wikitext.")
+@click.option("--limit", type=int, help="Score only the first N examples of each task.")
+@click.option("--num-fewshot", type=int, help="Few-shot examples per prompt. [default: each task's own]")
+@click.option("--batch-size", type=int, default=8, help="Requests per forward pass (does not change the result).")
+@click.option("--include-path", type=click.Path(), help="Directory of your own task YAMLs (e.g. over local jsonl files).")
+@click.option("--max-gen-toks", type=int, default=256, help="Generation length for tasks that do not set one.")
+@click.option("--seed", type=int, default=1234, help="Seed for tasks that sample (do_sample); request i uses seed + i.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
+@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--json", "json_output", is_flag=True, help="Print the results as one JSON line.")
+def eval_harness(json_output, **options):
+    """Standard benchmarks with lm-evaluation-harness (pip install -e ".[eval]"), our model in process.
+
+    Data-parallel under `deepspeed --module trainer.cli eval-harness ...` or torchrun, same numbers as 1 rank.
+    """
+    from trainer import harness
+
+    harness.run(harness.HarnessConfig(**options), json_output=json_output)
 
 
 @cli.command(context_settings={"show_default": True})
