@@ -59,7 +59,6 @@ def lm_eval_hf(run):
     """`lm_eval --model hf` on the export, with every request's response logged."""
     import lm_eval
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(run["hf"]), "dtype": "float32"},
                                    tasks=TASKS, task_manager=local_tasks(run),
                                    device="cpu", batch_size=4, log_samples=True)
