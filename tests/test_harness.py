@@ -158,6 +158,10 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
     assert "--batch-size 0 must be at least 1" in cli_error([*base, "--tasks", "x", "--batch-size", "0"])
     assert "no such directory" in cli_error(["eval-harness", "--model-path", tmp_path / "nope", "--tasks",
                                              "pydoc_choice", "--include-path", run["tasks"]])
+    write_rolling_task(tmp_path, "moved_task", ["text"])
+    (tmp_path / "moved_task.jsonl").unlink()  # its data is gone (offline, this is a hub download failing too)
+    assert "cannot load the data of moved_task" in cli_error([*base, "--tasks", "moved_task", "--include-path",
+                                                              tmp_path])
 
 
 def test_without_lm_eval_the_command_says_how_to_install_it(run):

@@ -69,6 +69,18 @@ def tasks_and_manager(tasks: str, include_path: Optional[str]):
     return names, manager
 
 
+def check_task_data(names: list[str], task_manager) -> None:
+    """Build the tasks (lm-eval downloads their data from the Hugging Face hub, or reads its cache);
+    no network and no cache is one clear line, not a traceback."""
+    try:
+        task_manager.load(names)
+    except (ConnectionError, FileNotFoundError) as e:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise UserError(f"cannot load the data of {', '.join(names)} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); lm-eval fetches task "
+                        "data from the Hugging Face hub: run once with network access (it is cached then), or pass "
+                        "--include-path DIR with task YAMLs over local files")
+
+
 def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
     lm_eval = require_lm_eval()
     from lm_eval.utils import make_table
@@ -83,6 +95,7 @@ def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
     if not dist.is_main():  # every rank runs lm-eval's bookkeeping; one of them says so
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names, task_manager = tasks_and_manager(cfg.tasks, cfg.include_path)
+    check_task_data(names, task_manager)  # before the model: a missing download fails in seconds
     device = evaluate.setup_device(cfg.device)
     dtype = evaluate.resolve_dtype(cfg.dtype, device)
     model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
