@@ -2,7 +2,6 @@
 perplexity guide's loop), window arithmetic, batch-size invariance, every --model-path form
 (consolidated dir, HF dir, run dir, checkpoint dir and tag, read straight from ZeRO files), and
 one-line errors for bad input."""
-import dataclasses
 import json
 import math
 import os
@@ -19,11 +18,11 @@ import models
 from trainer.cli import cli
 from trainer.errors import UserError
 from trainer.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
-from trainer.loss import lm_loss
 from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
 from trainer.tokenizer import get_tokenizer
+from tools.pydoc_tasks import write_rolling_task
 
-from helpers import random_model, write_rolling_task
+from helpers import random_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,6 @@ Face export (every metric, every request's loglikelihood, every generated text),
 kind, on 2 ranks as on 1, and bad input or a missing lm-eval is one clear line. Offline: local task YAMLs
 over pydoc jsonl files (a multiple-choice task, a loglikelihood_rolling task, a generate_until task)."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from trainer.cli import cli
-
-from helpers import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
+from tools.pydoc_tasks import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["pydoc_choice", "pydoc_rolling", "pydoc_generate"]
