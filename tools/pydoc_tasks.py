@@ -57,9 +57,10 @@ def write_choice_task(root, name: str, count: int) -> Path:
         label = rng.randrange(4)
         choices = others[:label] + [texts[i][60:90]] + others[label:]
         records.append({"context": texts[i][:60], "choices": choices, "label": label})
+    # target_delimiter '': the choices are exact slices of the text, so no space goes between context and choice
     return write_task(root, name, records, "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-                      "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
-                      "  - metric: acc_norm\n")
+                      "doc_to_choice: choices\ndoc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n"
+                      "  - metric: acc\n  - metric: acc_norm\n")
 
 
 def write_generate_task(root, name: str, count: int, max_gen_toks: int = 16) -> Path:
@@ -67,7 +68,7 @@ def write_generate_task(root, name: str, count: int, max_gen_toks: int = 16) -> 
     texts = pydoc_texts(count, 120)
     records = [{"context": t[:50], "target": t[50:].split("\n")[0]} for t in texts]
     return write_task(root, name, records, "output_type: generate_until\ndoc_to_text: '{{context}}'\n"
-                      "doc_to_target: target\ngeneration_kwargs:\n  until: ['\\n']\n"
+                      "doc_to_target: target\ntarget_delimiter: ''\ngeneration_kwargs:\n  until: ['\\n']\n"
                       f"  max_gen_toks: {max_gen_toks}\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
 
 
