@@ -137,15 +137,15 @@ def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> 
     torch.save(rng_state(), rng_dir / f"rank_{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        from trainer import zero_scripts  # ours over DeepSpeed's zero_to_fp32.py copies (tied embeddings)
-
-        zero_scripts.write(root)
         marker = {"step": step, **engine_layout(engine),
                   **{k: client_state[k] for k in ("global_batch", "seq_len", "tokens", "cursor", "model_config")
                      if k in client_state},
                   "files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())}
         _atomic_write(ckpt / MARKER, json.dumps(marker, indent=1))
         _atomic_write(root / LATEST, tag + "\n")
+        from trainer import zero_scripts  # ours over DeepSpeed's zero_to_fp32.py copies (tied embeddings)
+
+        zero_scripts.write(root)
         if keep_last and keep_last > 0:
             # Only now, with the new checkpoint complete, may older complete ones go.
             for old in complete_checkpoints(run_dir)[:-keep_last]:

@@ -64,12 +64,19 @@ if __name__ == "__main__":
 '''
 
 
-def write(checkpoints_root) -> None:
-    """Put our scripts in a run's checkpoints/ directory, over DeepSpeed's copies (each written atomically)."""
+def write(checkpoints_root) -> bool:
+    """Put our scripts in a run's checkpoints/ directory, over DeepSpeed's copies (each written atomically).
+
+    Called after a checkpoint is complete; a failed write (disk full) leaves that checkpoint complete and
+    returns False: the scripts are a convenience, tools/zero_to_fp32.py does the same from the checkout."""
     root = Path(checkpoints_root)
-    for name in NAMES:
-        target = root / name
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(SCRIPT.format(name=name, root=str(ROOT)))
-        tmp.chmod(0o755)
-        tmp.replace(target)
+    try:
+        for name in NAMES:
+            target = root / name
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(SCRIPT.format(name=name, root=str(ROOT)))
+            tmp.chmod(0o755)
+            tmp.replace(target)
+    except OSError:
+        return False
+    return True
