@@ -188,7 +188,7 @@ def eval_hellaswag(**options):
               help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,lambada_openai,arc_easy,piqa,wikitext.")
 @click.option("--limit", type=int, help="Score only the first N examples of each task.")
 @click.option("--num-fewshot", type=int, help="Few-shot examples per prompt. [default: each task's own]")
-@click.option("--batch-size", type=int, default=8, help="Requests per forward pass (does not change the result).")
+@click.option("--batch-size", type=int, default=8, help="Requests per forward pass (padded to the longest).")
 @click.option("--include-path", type=click.Path(), help="Directory of your own task YAMLs (e.g. over local jsonl files).")
 @click.option("--max-gen-toks", type=int, default=256, help="Generation length for tasks that do not set one.")
 @click.option("--seed", type=int, default=1234, help="Seed for tasks that sample (do_sample); request i uses seed + i.")
