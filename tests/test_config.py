@@ -87,5 +87,7 @@ def test_pretrain_bad_options_fail_with_one_line(args, message, tmp_path):
 
 
 def test_launcher_local_rank_is_accepted():
-    result = CliRunner().invoke(cli, ["--local_rank=1", "pretrain", "--help"])
+    # env: CliRunner restores LOCAL_RANK afterwards (the group exports it, and later in-process tests must
+    # not look like rank 1 of a launch)
+    result = CliRunner().invoke(cli, ["--local_rank=1", "pretrain", "--help"], env={"LOCAL_RANK": None})
     assert result.exit_code == 0 and "--global-batch" in result.output

@@ -22,7 +22,7 @@ from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spe
 from trainer.tokenizer import get_tokenizer
 from tools.pydoc_tasks import write_rolling_task
 
-from helpers import random_model
+from helpers import random_model, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,8 @@ def lm_eval_hf(hf_dir, max_length: int):
     """lm-evaluation-harness's own Hugging Face model (`lm_eval --model hf`) on an export, fp32 on CPU."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, max_length=max_length, dtype="float32")
+    with single_process_env():
+        return HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, max_length=max_length, dtype="float32")
 
 
 @pytest.mark.parametrize("context, stride", [(64, 64), (64, 24), (48, 40), (20, 3)])

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from trainer.cli import cli
 from tools.pydoc_tasks import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
 
+from helpers import single_process_env
+
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["pydoc_choice", "pydoc_rolling", "pydoc_generate"]
 
@@ -57,9 +59,10 @@ def lm_eval_hf(run):
     """`lm_eval --model hf` on the export, with every request's response logged."""
     import lm_eval
 
-    return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(run["hf"]), "dtype": "float32"},
-                                   tasks=TASKS, task_manager=local_tasks(run),
-                                   device="cpu", batch_size=4, log_samples=True)
+    with single_process_env():
+        return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(run["hf"]), "dtype": "float32"},
+                                       tasks=TASKS, task_manager=local_tasks(run), device="cpu", batch_size=4,
+                                       log_samples=True)
 
 
 def local_tasks(run):

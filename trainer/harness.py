@@ -11,6 +11,7 @@ process (see harness_lm.py).
 """
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,18 @@ def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
     lm = HarnessLM(model, tokenizer, device, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
                    seed=cfg.seed, progress=cfg.progress)
     started = time.time()
-    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                      task_manager=task_manager)
-    if results is None:  # lm-eval aggregates on local rank 0 only; the numbers are the same everywhere
-        return {}
+    # lm-eval aggregates only where LOCAL_RANK is 0 (its guess for tensor-parallel launchers); every one of our
+    # ranks runs a whole single-process evaluation (harness_lm.py splits the model work), so each aggregates.
+    local_rank = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                          task_manager=task_manager)
+    finally:
+        if local_rank is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = local_rank
     summary = {"results": results["results"], "groups": results.get("groups", {}), "n-shot": results.get("n-shot"),
                "n-samples": results.get("n-samples"), "versions": results.get("versions"), "tasks": names,
                "model": info["path"], "tokenizer": tokenizer.spec, "limit": cfg.limit, "batch_size": cfg.batch_size,
