@@ -96,8 +96,9 @@ def test_every_request_matches_lm_eval_hf(run, lm_eval_hf):
     from trainer.tokenizer import get_tokenizer
 
     model, spec, _ = load_model(run["run"])
-    ours = lm_eval.simple_evaluate(model=HarnessLM(model, get_tokenizer(spec), "cpu", batch_size=5), tasks=TASKS,
-                                   task_manager=local_tasks(run), log_samples=True)
+    with single_process_env():
+        ours = lm_eval.simple_evaluate(model=HarnessLM(model, get_tokenizer(spec), "cpu", batch_size=5), tasks=TASKS,
+                                       task_manager=local_tasks(run), log_samples=True)
     for task in TASKS:
         mine = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
         theirs = sorted(lm_eval_hf["samples"][task], key=lambda s: s["doc_id"])
