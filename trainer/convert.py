@@ -78,12 +78,14 @@ class _Writer:
     def __init__(self, out: Path, vocab_size: int, state: dict):
         self.out, self.vocab_size, self.state = out, vocab_size, state
         self.buffers = {"train": [], "val": []}
+        self.counts = {"train": 0, "val": 0}  # tokens in each buffer (kept, not summed: called per document)
 
     def add(self, split: str, tokens: np.ndarray):
         self.buffers[split].append(tokens)
+        self.counts[split] += len(tokens)
 
     def buffered(self, split: str) -> int:
-        return sum(len(t) for t in self.buffers[split])
+        return self.counts[split]
 
     def written(self, split: Optional[str] = None) -> int:
         return sum(s["tokens"] for s in self.state["shards"] if split in (None, s["split"]))
@@ -97,7 +99,7 @@ class _Writer:
             name = f"{split}_{index:06d}.bin"
             info = write_shard(self.out / name, np.concatenate(self.buffers[split]), vocab_size=self.vocab_size)
             self.state["shards"].append({"name": name, "split": split, **info})
-            self.buffers[split] = []
+            self.buffers[split], self.counts[split] = [], 0
         self.state["consumed"] = units_consumed
         _write_json(self.out / STATE, self.state)
 
