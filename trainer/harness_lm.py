@@ -156,7 +156,7 @@ class HarnessLM(TemplateLM):
         max_gen_toks = kwargs.pop("max_gen_toks")
         temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
         steps, new = None, []
-        if context is not None:
+        if context is not None and max_gen_toks > 0:
             prompt = self.tok_encode(context)[-max(1, self.block_size - max_gen_toks):] or [self.eot_token_id]
             steps = next_tokens(self.model, prompt, temperature, kwargs.get("top_k"), kwargs.get("top_p"),
                                 torch.Generator().manual_seed(seed))
