@@ -1,9 +1,12 @@
 """Install metadata for the GPT-2 / GPT-2.5 DeepSpeed trainer.
 
 torch keeps a plain lower bound so GPU users get their CUDA build; CPU-only machines
-install `torch==2.13.0` (the CPU wheel) first, as .ci/run does.
+install `torch==2.13.0` (the CPU wheel) first, as .ci/run does. Extras: `eval` (lm-evaluation-harness
+for `eval-harness`), `test` (pytest, hypothesis, and lm-eval as the tests' reference), `wandb`.
 """
 from setuptools import find_packages, setup
+
+EVAL = "lm-eval[hf]>=0.4.13,<0.5"  # lm-evaluation-harness, optional: only `eval-harness` imports it
 
 setup(
     name="gpt-trainer",
@@ -30,7 +33,9 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.90"],
+        # eval-harness; [hf] also brings `lm_eval --model hf` for the exported models (the tests' reference)
+        "eval": [EVAL],
+        "test": ["pytest>=7.4", "hypothesis>=6.90", EVAL],
         "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["gpt-trainer=trainer.cli:cli"]},

@@ -27,17 +27,20 @@ def hf_family(config: ModelConfig) -> str:
     raise ValueError(f"this model cannot be exported to Hugging Face {target}: {', '.join(bad)}")
 
 
-def hf_config(config: ModelConfig):
-    """The transformers config that describes the same network."""
+def hf_config(config: ModelConfig, eot_id=None):
+    """The transformers config that describes the same network. eot_id: the tokenizer's end-of-text id,
+    which starts every training document and ends generation, so it is both bos and eos (default: the
+    last vocabulary id, where the GPT-2 and byte tokenizers keep it)."""
     from transformers import GPT2Config, LlamaConfig
 
+    eot = config.vocab_size - 1 if eot_id is None else int(eot_id)
     if hf_family(config) == "gpt2":
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                           n_layer=config.n_layer, n_head=config.n_head, n_inner=config.ffn_hidden,
                           activation_function="gelu_new", resid_pdrop=config.dropout, embd_pdrop=config.dropout,
                           attn_pdrop=config.dropout, layer_norm_epsilon=config.norm_eps,
                           tie_word_embeddings=config.tie_embeddings, architectures=["GPT2LMHeadModel"],
-                          bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
+                          bos_token_id=eot, eos_token_id=eot)
     return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.ffn_hidden,
                        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
                        num_key_value_heads=config.n_head, head_dim=config.head_dim, hidden_act="silu",
@@ -45,7 +48,7 @@ def hf_config(config: ModelConfig):
                        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
                        tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
                        attention_dropout=config.dropout, architectures=["LlamaForCausalLM"],
-                       bos_token_id=None, eos_token_id=config.vocab_size - 1)
+                       bos_token_id=eot, eos_token_id=eot)
 
 
 def config_from_hf(hf_cfg, **overrides) -> ModelConfig:
@@ -107,13 +110,14 @@ def from_hf_state_dict(hf_state: dict, config: ModelConfig) -> dict:
     return out
 
 
-def to_hf(model: GPT):
-    """A transformers model (GPT2LMHeadModel or LlamaForCausalLM) with this model's weights, fp32, eval mode."""
+def to_hf(model: GPT, eot_id=None):
+    """A transformers model (GPT2LMHeadModel or LlamaForCausalLM) with this model's weights, fp32, eval mode
+    (eot_id: see hf_config)."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     config = model.config
     cls = GPT2LMHeadModel if hf_family(config) == "gpt2" else LlamaForCausalLM
-    hf_model = cls(hf_config(config))
+    hf_model = cls(hf_config(config, eot_id))
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(state, config), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)

@@ -19,6 +19,21 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert cfg.model_overrides == {"dropout": 0.1, "n_layer": 3}
 
 
+def test_a_batch_flag_replaces_the_yamls_batch_in_either_form(tmp_path):
+    """`pretrain --config configs/gpt25-fineweb10b.yaml --global-batch 2`: the recipe gives tokens, the flag
+    sequences; the flag wins instead of both counting as given."""
+    recipe = str(CONFIGS[0].parent / "gpt25-fineweb10b.yaml")
+    assert resolve(recipe, {}).global_batch_tokens == 524288
+    cfg = resolve(recipe, {"global_batch": 2})
+    assert (cfg.global_batch, cfg.global_batch_tokens) == (2, None)
+    path = tmp_path / "run.yaml"
+    path.write_text("data: d\nglobal-batch: 64\n")
+    cfg = resolve(str(path), {"global_batch_tokens": 4096})
+    assert (cfg.global_batch, cfg.global_batch_tokens) == (None, 4096)
+    with pytest.raises(UserError, match="give either --global-batch"):
+        resolve(str(path), {"global_batch": 8, "global_batch_tokens": 4096})
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_recipe_config_resolves(path):
     cfg = resolve(str(path), {})
@@ -72,5 +87,7 @@ def test_pretrain_bad_options_fail_with_one_line(args, message, tmp_path):
 
 
 def test_launcher_local_rank_is_accepted():
-    result = CliRunner().invoke(cli, ["--local_rank=1", "pretrain", "--help"])
+    # env: CliRunner restores LOCAL_RANK afterwards (the group exports it, and later in-process tests must
+    # not look like rank 1 of a launch)
+    result = CliRunner().invoke(cli, ["--local_rank=1", "pretrain", "--help"], env={"LOCAL_RANK": None})
     assert result.exit_code == 0 and "--global-batch" in result.output

@@ -97,6 +97,76 @@ def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, monkeyp
         assert shard.read_bytes() == (out / shard.name).read_bytes()
 
 
+def test_default_validation_split_fits_a_small_corpus(tmp_path, monkeypatch):
+    """`convert_shards.py --source pydoc --tokenizer bytes --out DIR` with no --val-tokens: about 5% of the
+    tokens held out as whole documents, every document in exactly one split; capped on a large corpus."""
+    import trainer.convert as conv
+
+    proc = subprocess.run([sys.executable, "tools/convert_shards.py", "--source", "pydoc", "--tokenizer", "bytes",
+                           "--out", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    dataset, tok = Dataset.open(tmp_path / "d"), get_tokenizer("bytes")
+    val, train = dataset.val_tokens_array(), dataset.train_tokens_array()
+    assert 0.04 <= len(val) / (len(val) + len(train)) <= 0.06
+    docs = lambda t: [tok.decode(d[1:]) for d in np.split(t, np.flatnonzero(t == tok.eot_id))[1:]]  # noqa: E731
+    assert val[0] == train[0] == tok.eot_id
+    assert sorted(docs(val) + docs(train)) == sorted(d for d in iter_documents("pydoc"))
+    monkeypatch.setattr(conv, "VAL_CAP", 5_000)
+    meta = convert("pydoc", "bytes", tmp_path / "capped", progress=False)
+    assert 0 < meta["val_tokens_written"] <= 5_000
+
+
+def test_default_split_resumes_byte_identical(tmp_path, monkeypatch):
+    import trainer.convert as conv
+
+    convert("pydoc", "bytes", tmp_path / "ref", shard_tokens=40_000, progress=False)
+    real, calls = conv.write_shard, {"n": 0}
+
+    def crash_on_fourth(path, tokens, vocab_size=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(path, tokens, vocab_size=vocab_size)
+
+    monkeypatch.setattr(conv, "write_shard", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        convert("pydoc", "bytes", tmp_path / "out", shard_tokens=40_000, progress=False)
+    monkeypatch.setattr(conv, "write_shard", real)
+    convert("pydoc", "bytes", tmp_path / "out", shard_tokens=40_000, progress=False)
+    names = sorted(p.name for p in (tmp_path / "ref").glob("*.bin"))
+    assert names == sorted(p.name for p in (tmp_path / "out").glob("*.bin")) and len(names) > 4
+    assert all((tmp_path / "ref" / n).read_bytes() == (tmp_path / "out" / n).read_bytes() for n in names)
+
+
+def test_a_changed_setting_is_named_with_the_way_forward(tmp_path, monkeypatch):
+    import trainer.convert as conv
+
+    out = tmp_path / "d"
+    with pytest.raises(UserError, match=r"holds only 466,\d+ tokens, and --val-tokens 10000000 would hold all of "
+                                        r"them out.*pass a smaller --val-tokens"):
+        convert("pydoc", "bytes", out, val_tokens=10_000_000, progress=False)
+    assert not out.exists()  # nothing written, so a rerun with other settings just works
+
+    real, calls = conv.write_shard, {"n": 0}
+
+    def crash_on_third(path, tokens, vocab_size=None):  # after the first val + train shards are recorded
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, tokens, vocab_size=vocab_size)
+
+    monkeypatch.setattr(conv, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert("pydoc", "bytes", out, shard_tokens=50_000, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"interrupted conversion made with --val-tokens default \(now 20000\); "
+                                        r"rerun with its settings to finish it, or delete"):
+        convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=20_000, progress=False)
+    convert("pydoc", "bytes", out, shard_tokens=50_000, progress=False)  # its settings: finishes
+    with pytest.raises(UserError, match=r"different dataset, made with --shard-tokens 50000 \(now 100000000\)"):
+        convert("pydoc", "bytes", out, progress=False)
+
+
 def test_existing_token_files_are_resharded(tmp_path, pydoc_bytes):
     tokens = Dataset.open(pydoc_bytes).train_tokens_array()
     np.asarray(tokens, dtype=np.uint16).tofile(tmp_path / "train.bin")

@@ -2,7 +2,6 @@
 perplexity guide's loop), window arithmetic, batch-size invariance, every --model-path form
 (consolidated dir, HF dir, run dir, checkpoint dir and tag, read straight from ZeRO files), and
 one-line errors for bad input."""
-import dataclasses
 import json
 import math
 import os
@@ -19,10 +18,11 @@ import models
 from trainer.cli import cli
 from trainer.errors import UserError
 from trainer.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
-from trainer.loss import lm_loss
 from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
+from trainer.tokenizer import get_tokenizer
+from tools.pydoc_tasks import write_rolling_task
 
-from helpers import random_model
+from helpers import random_model, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,78 +42,70 @@ def files(tmp_path_factory):
     hf_dir = root / "hf"
     models.hf.to_hf(model).save_pretrained(hf_dir)
     write_tokenizer_spec(hf_dir, "bytes")
+    get_tokenizer("bytes").save_hf(hf_dir, model.config.block_size)
     text = root / "text.txt"
     text.write_text(pydoc_text())
     return {"root": root, "model": model, "consolidated": root / "consolidated", "hf": hf_dir, "text": text}
 
 
-def hf_guide_ppl(hf_model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
-    """The loop of the Hugging Face guide "Perplexity of fixed-length models".
+def lm_eval_hf(hf_dir, max_length: int):
+    """lm-evaluation-harness's own Hugging Face model (`lm_eval --model hf`) on an export, fp32 on CPU."""
+    from lm_eval.models.huggingface import HFLM
 
-    One correction: the guide weights every window's mean loss by (valid labels - batch size), but the
-    model's internal shift drops a valid label only in windows whose first label is valid (the first
-    window, or every window when stride == context); later windows' means cover all their valid labels.
-    So the weight here is the number of labels the model really averaged over."""
-    seq_len = ids.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
-    for begin_loc in range(0, seq_len, stride):
-        end_loc = min(begin_loc + max_length, seq_len)
-        trg_len = end_loc - prev_end_loc
-        input_ids = ids[:, begin_loc:end_loc]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = hf_model(input_ids, labels=target_ids).loss
-        num_loss_tokens = (target_ids[:, 1:] != -100).sum().item()  # labels left after the internal shift
-        nll_sum += loss.double().item() * num_loss_tokens
-        n_tokens += num_loss_tokens
-        prev_end_loc = end_loc
-        if end_loc == seq_len:
-            break
-    return nll_sum / n_tokens, n_tokens
+    with single_process_env():
+        return HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, max_length=max_length, dtype="float32")
 
 
-@pytest.mark.parametrize("context, stride", [(64, 24), (64, 64), (48, 40)])
-def test_eval_ppl_equals_transformers_on_hf_export(files, context, stride):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("context, stride", [(64, 64), (64, 24), (48, 40), (20, 3)])
+def test_eval_ppl_equals_lm_eval_rolling_windows(files, context, stride):
+    """eval-ppl's total NLL is lm-eval's rolling loglikelihood: windows from lm-eval's own
+    get_rolling_token_windows (context_len = context - stride + 1, so each window predicts `stride` new
+    tokens; the first token is conditioned on end-of-text; every window is as long as the context
+    allows), scored by lm-eval's HF model on our export."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    hf_model = AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32).eval()
-    ids = torch.tensor([list(files["text"].read_text().encode("utf-8"))])
-    expected_nll, expected_tokens = hf_guide_ppl(hf_model, ids, context, stride)
+    lm = lm_eval_hf(files["hf"], context)
+    tokens = lm.tok_encode(files["text"].read_text())
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, prefix_token=lm.prefix_token_id, max_seq_len=context, context_len=context - stride + 1)]
+    scores = lm._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
+    expected = -sum(logprob for logprob, _ in scores)
     for path in (files["consolidated"], files["hf"]):
         result = run_ppl(PplConfig(model_path=str(path), text_file=str(files["text"]), context=context,
                                    stride=stride, batch_size=4, progress=False))
-        assert result["tokens"] == expected_tokens
-        assert abs(result["nll"] - expected_nll) / expected_nll <= 1e-4
-        assert abs(result["ppl"] - math.exp(expected_nll)) / math.exp(expected_nll) <= 1e-4
+        assert result["tokens"] == len(tokens)  # every token, the first one included
+        assert result["nll"] * result["tokens"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_stride_equal_to_context_is_non_overlapping_blocks(files):
-    model, context = files["model"], 64
-    tokens = torch.tensor(list(files["text"].read_text().encode("utf-8")))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for begin in range(0, len(tokens) - 1, context):  # independent blocks; a block's first token has no context
-            block = tokens[begin:begin + context]
-            total += lm_loss(model(block[None, :-1]), block[None, 1:], reduction="sum").item()
-            count += len(block) - 1
-    result = perplexity(model, tokens, context, context, batch_size=3)
-    assert result["tokens"] == count
-    assert result["nll"] == pytest.approx(total / count, rel=1e-6)
+def test_bits_per_byte_and_word_ppl_equal_lm_eval_at_stride_equal_context(files, tmp_path):
+    """The reported symptom: with --stride = --context, bits/byte and word perplexity are lm-eval's
+    (`lm_eval --model hf` with a loglikelihood_rolling task over the same text)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    text = files["text"].read_text()
+    write_rolling_task(tmp_path, "pydoc_text", [text])
+    theirs = lm_eval.simple_evaluate(model=lm_eval_hf(files["hf"], 64), tasks=["pydoc_text"],
+                                     task_manager=TaskManager(include_path=str(tmp_path)))["results"]["pydoc_text"]
+    ours = run_ppl(PplConfig(model_path=str(files["consolidated"]), text_file=str(files["text"]), context=64,
+                             stride=64, word_level=True, progress=False))
+    assert ours["bits_per_byte"] == pytest.approx(theirs["bits_per_byte,none"], rel=1e-5)
+    assert ours["word_ppl"] == pytest.approx(theirs["word_perplexity,none"], rel=1e-5)
 
 
 def test_windows_score_every_token_once_with_most_context():
-    for n, context, stride in [(1000, 64, 64), (1000, 64, 1), (1001, 64, 24), (65, 64, 32), (2, 64, 16), (64, 64, 63)]:
+    """Over a stream whose token 0 is the end-of-text prefix: tokens 1..n-1 are each scored once, every window
+    feeds at most `context` tokens and as many as the stream allows, and a later window's first scored token
+    sees at least context - stride + 1 tokens."""
+    for n, context, stride in [(1000, 64, 64), (1000, 64, 1), (1001, 64, 24), (65, 64, 32), (66, 64, 32),
+                               (2, 64, 16), (64, 64, 63), (200, 1, 1)]:
         scored = []
-        for begin, end, first in sliding_windows(n, context, stride):
-            assert end - begin <= context and begin < first <= end
+        for i, (begin, end, first) in enumerate(sliding_windows(n, context, stride)):
+            assert end - begin - 1 == min(context, n - 1) and begin < first < end
             scored.extend(range(first, end))
-            if begin:  # later windows: every scored token sees at least context - stride tokens of context
-                assert first - begin == max(1, context - stride)
-        if stride < context:
-            assert scored == list(range(1, n))
-        else:  # non-overlapping blocks: a block's first token has no context and is not scored
-            assert scored == [t for t in range(n) if t % context]
+            if i:
+                assert end - first <= stride and first - begin >= context - stride + 1
+        assert scored == list(range(1, n))
 
 
 def test_result_does_not_depend_on_batch_size(files):
@@ -153,8 +145,9 @@ def test_eval_ppl_on_dataset_shards(files, tmp_path):
     tokens, docs = byte_dataset(data, files["text"].read_text())
     result = run_ppl(PplConfig(model_path=str(files["consolidated"]), data=str(data), context=64, stride=64,
                                progress=False))
-    direct = perplexity(files["model"], tokens, 64, 64)
-    assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
+    direct = perplexity(files["model"], tokens, 64, 64, prefix=256)  # the shard starts with a document's text
+    assert result["tokens"] == direct["tokens"] == len(tokens)
+    assert result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
     assert result["bytes"] == sum(len(d) for d in docs)  # end-of-text ids are not text
 
 
@@ -166,7 +159,7 @@ def test_hf_dataset_from_a_local_directory(files, tmp_path):
     result = run_ppl(PplConfig(model_path=str(files["consolidated"]), hf_dataset=str(tmp_path),
                                context=64, stride=32, progress=False))
     joined = "\n\n".join(lines)  # the HF guide's recipe
-    direct = perplexity(files["model"], list(joined.encode("utf-8")), 64, 32)
+    direct = perplexity(files["model"], list(joined.encode("utf-8")), 64, 32, prefix=256)
     assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
 
 
@@ -209,7 +202,7 @@ def test_missing_tokenizer_is_explained(files, tmp_path):
         run_ppl(PplConfig(model_path=str(bare), text_file=str(files["text"]), progress=False))
     result = run_ppl(PplConfig(model_path=str(bare), text_file=str(files["text"]), tokenizer="bytes", progress=False,
                                max_tokens=200))
-    assert result["tokens"] == 199
+    assert result["tokens"] == 200
 
 
 # ---- tokenizer spec beside model files -----------------------------------------------------------
@@ -231,7 +224,7 @@ def test_tokenizer_spec_round_trip(tmp_path):
 def test_openai_gpt2_tokenizer_files_are_recognised(tmp_path):
     from trainer.tokenizer import get_tokenizer
 
-    get_tokenizer("gpt2").save_hf(tmp_path)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
+    get_tokenizer("gpt2").save_hf(tmp_path, 1024)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
     assert guess_tokenizer_spec(tmp_path) == "gpt2"
 
 
@@ -297,7 +290,7 @@ def test_eval_ppl_on_a_run_dir_matches_the_model(run_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(pydoc_text(3000))
     result = run_ppl(PplConfig(model_path=str(run_dir), text_file=str(text), context=64, stride=32, progress=False))
-    direct = perplexity(models.load(run_dir / "reference_2"), list(text.read_bytes()), 64, 32)
+    direct = perplexity(models.load(run_dir / "reference_2"), list(text.read_bytes()), 64, 32, prefix=256)
     assert result["nll"] == pytest.approx(direct["nll"], rel=1e-9) and result["tokens"] == direct["tokens"]
 
 
@@ -308,7 +301,7 @@ def test_eval_ppl_on_a_run_dir_defaults_to_its_training_data(run_dir, files, tmp
     tokens, _ = byte_dataset(tmp_path / "data", files["text"].read_text())
     (run / "config.yaml").write_text(f"model: tiny\ndata: {tmp_path / 'data'}\nout: {run}\n")
     result = run_ppl(PplConfig(model_path=str(run), context=64, stride=64, progress=False))
-    direct = perplexity(models.load(run / "reference_2"), tokens, 64, 64)
+    direct = perplexity(models.load(run / "reference_2"), tokens, 64, 64, prefix=256)
     assert result["tokens"] == direct["tokens"] and result["nll"] == pytest.approx(direct["nll"], rel=1e-9)
     (run / "config.yaml").write_text("model: tiny\ndata: data/elsewhere\n")
     with pytest.raises(UserError, match="trained on data/elsewhere, which is not a directory from here"):

@@ -50,14 +50,30 @@ def test_unknown_spec_lists_valid_forms():
         get_tokenizer("hf:/no/such/dir")
 
 
-@pytest.mark.parametrize("spec_key", ["gpt2", "bpe"])
-def test_hf_tokenizer_files_load_in_transformers(spec_key, trained, tmp_path):
+def hf_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    tricky = [TEXT, "", " leading space", "trailing  ", "\n\nnewlines\n", "a  b   c\t\td", "中文 ﬁ ① \x00\x7f",
+              f"two documents{ENDOFTEXT}joined by text", f"a {ENDOFTEXT} b </s> <s> <unk>"]
+    return tricky + [topics[k] for k in sorted(topics)[:40]]
+
+
+@pytest.mark.parametrize("spec_key", ["gpt2", "bytes", "bpe", "sp"])
+def test_hf_export_encodes_exactly_as_ours(spec_key, trained, tmp_path):
+    """AutoTokenizer on the exported files gives our ids for every text (end-of-text strings included, as
+    text), decodes them back, knows the model's length and uses our end-of-text as bos and eos."""
     from transformers import AutoTokenizer
 
     tok = get_tokenizer(trained.get(spec_key, spec_key))
-    assert tok.save_hf(tmp_path)
+    assert tok.save_hf(tmp_path, model_max_length=64)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert hf_tok.encode("Hello world, tokenizers!", add_special_tokens=False) == tok.encode("Hello world, tokenizers!")
+    for text in hf_texts():
+        ids = tok.encode(text)
+        assert hf_tok.encode(text) == ids, text[:60]
+        assert hf_tok(text)["input_ids"] == ids  # the call pipelines and lm-eval make
+        assert hf_tok.decode(ids) == tok.decode(ids)
+    assert hf_tok.model_max_length == 64
+    assert hf_tok.eos_token_id == hf_tok.bos_token_id == tok.eot_id
 
 
 def test_train_tokenizer_cli_prints_the_spec(tmp_path):

@@ -87,6 +87,31 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(run, tmp_path):
         assert (hf(idx).logits - ours(idx)).abs().max().item() < 1e-4
 
 
+def test_byte_level_hf_export_generates_with_transformers_pipeline(run, tmp_path):
+    """The byte-tokenizer export carries a tokenizer transformers loads: the pipeline continues a prompt
+    exactly as our greedy `generate` does, and config and tokenizer agree on bos/eos and the length."""
+    from pydoc_data.topics import topics
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    from trainer.generate import sample
+    from trainer.modelio import load_model
+    from trainer.tokenizer import get_tokenizer
+
+    out = tmp_path / "hf"
+    assert tool(run, out, "--hf").exit_code == 0
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    text = topics["assert"][:2000]
+    assert tokenizer.encode(text) == list(text.encode("utf-8"))
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.bos_token_id == config.eos_token_id == tokenizer.bos_token_id == tokenizer.eos_token_id == 256
+    assert tokenizer.model_max_length == config.n_positions == 64
+    prompt = "The assert statement"
+    generated = pipeline("text-generation", model=str(out))(prompt, max_new_tokens=24, do_sample=False)
+    model, spec, _ = load_model(run)
+    ours = sample(model, get_tokenizer(spec), prompt, 24, temperature=0)
+    assert ours and generated[0]["generated_text"] == prompt + ours
+
+
 def _consolidated(run, tmp_path):
     out = tmp_path / "consolidated"
     if not out.exists():
@@ -107,6 +132,27 @@ def test_partial_checkpoint_is_refused_in_plain_words(run, tmp_path):
     assert result.exit_code != 0 and "checkpoints there: step_0000002, step_0000004" in result.output
 
 
+@pytest.mark.parametrize("script, extra", [("zero_to_fp32.py", []), ("zero_to_torch.py", ["--dtype", "float32"])])
+def test_the_scripts_deepspeed_puts_beside_checkpoints_export_tied_models(run, tmp_path, script, extra):
+    """DeepSpeed copies zero_to_fp32.py / zero_to_torch.py into RUN/checkpoints and users run them with
+    --safe_serialization, which fails on tied embeddings with DeepSpeed's own ("Some tensors share memory").
+    The scripts there run from any directory and write DeepSpeed's consolidated weights, the tie kept."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(run / "checkpoints" / script), str(run / "checkpoints"),
+                           str(tmp_path / "out"), "--safe_serialization", *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_0000004")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(written) == set(reference) - {"lm_head.weight"}
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in written.items())
+    model = models.load(tmp_path / "out")
+    assert model.lm_head.weight is model.wte.weight
+
+
 def test_script_runs_from_the_command_line(run, tmp_path):
     proc = subprocess.run([sys.executable, "tools/zero_to_fp32.py", str(run / "nope"), str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True)
@@ -122,6 +168,11 @@ def test_gpt25_exports_to_llama_with_matching_logits(data, tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["hf_class"] == "LlamaForCausalLM" and summary["logits_max_abs_diff"] <= 1e-4
     print("llama export logits max abs diff:", summary["logits_max_abs_diff"])
+    from transformers import AutoConfig, AutoTokenizer
+
+    config, tokenizer = AutoConfig.from_pretrained(str(tmp_path / "hf")), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert config.bos_token_id == config.eos_token_id == tokenizer.bos_token_id == tokenizer.eos_token_id == 256
+    assert tokenizer.model_max_length == config.max_position_embeddings == 64
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ from trainer.tokenizer import SPEC_HELP as TOKENIZER_HELP
 @click.option("--tokenizer", required=True, help=f"Tokenizer spec: {TOKENIZER_HELP}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
 @click.option("--shard-tokens", default=100_000_000, type=int, help="Tokens per train shard.")
-@click.option("--val-tokens", default=10_000_000, type=int, help="Tokens held out for validation (whole documents).")
+@click.option("--val-tokens", type=int,
+              help="Hold out the first documents, this many tokens, for validation. [default: 5% of the tokens as "
+                   "whole documents, at most 10M]")
 @click.option("--workers", default=1, type=int, help="Tokenizer processes (output is identical for any number).")
 @click.option("--text-field", default="text", help="Field holding the text in jsonl / parquet / HF datasets.")
 @click.option("--json", "json_output", is_flag=True, help="Print meta.json as one JSON line at the end.")

@@ -59,22 +59,36 @@ def export(path, out_dir, tag: Optional[str] = None, hf: bool = False, log=print
     tokenizer_spec = client.get("tokenizer")
     result = {"checkpoint": str(ckpt), "out": str(out), "step": client.get("step"), "hf": hf,
               "params": model.num_params(), "tokenizer": tokenizer_spec, "tokenizer_files": False}
+    eot_id = _eot_id(tokenizer_spec, log)
     if hf:
-        result.update(_export_hf(model, out, log))
+        result.update(_export_hf(model, out, eot_id, log))
     else:
         models.save(model, out)
     if tokenizer_spec:
-        result["tokenizer_files"] = _write_tokenizer(tokenizer_spec, out, log)
+        result["tokenizer_files"] = _write_tokenizer(tokenizer_spec, out, model.config.block_size, log)
     log(f"wrote {out} ({'Hugging Face ' + result.get('hf_class', '') if hf else 'model.safetensors + config.json'}"
         f", {result['params']:,} parameters, step {result['step']})")
     return result
 
 
-def _export_hf(model, out: Path, log) -> dict:
+def _eot_id(spec: Optional[str], log) -> Optional[int]:
+    """The end-of-text id of the run's tokenizer (the export's bos and eos), None when it cannot be built."""
+    from trainer.tokenizer import get_tokenizer
+
+    if not spec:
+        return None
+    try:
+        return get_tokenizer(spec).eot_id
+    except Exception as e:  # e.g. an hf:/sp: file moved since training: export the weights all the same
+        log(f"note: tokenizer {spec} cannot be loaded ({type(e).__name__}: {e}); bos/eos set to the last id")
+        return None
+
+
+def _export_hf(model, out: Path, eot_id: Optional[int], log) -> dict:
     from transformers import AutoModelForCausalLM
 
     try:
-        hf_model = models.hf.to_hf(model)
+        hf_model = models.hf.to_hf(model, eot_id)
     except ValueError as e:
         raise UserError(str(e))
     hf_model.save_pretrained(str(out), safe_serialization=True)
@@ -94,14 +108,15 @@ def _export_hf(model, out: Path, log) -> dict:
     return {"hf_class": type(reloaded).__name__, "logits_max_abs_diff": diff}
 
 
-def _write_tokenizer(spec: str, out: Path, log) -> bool:
-    """Tokenizer files HF loads where the tokenizer allows it, and the spec our own commands read."""
+def _write_tokenizer(spec: str, out: Path, block_size: int, log) -> bool:
+    """Tokenizer files HF loads (encoding as ours, model_max_length = the block size), and the spec our own
+    commands read."""
     from trainer.modelio import write_tokenizer_spec
     from trainer.tokenizer import get_tokenizer
 
     write_tokenizer_spec(out, spec)
     try:
-        written = bool(get_tokenizer(spec).save_hf(out))
+        written = bool(get_tokenizer(spec).save_hf(out, model_max_length=block_size))
     except Exception as e:  # a missing tokenizer file should not undo a finished export
         log(f"note: tokenizer {spec} not written ({type(e).__name__}: {e})")
         return False

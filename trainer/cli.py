@@ -16,7 +16,7 @@ def cli(local_rank):
     """Pretrain GPT-2 / GPT-2.5 models with DeepSpeed, evaluate them, export them to Hugging Face.
 
     Start with `pretrain` (no options: a one-minute offline demo on CPU), then `eval-ppl`,
-    `generate`, and `python tools/zero_to_fp32.py RUN OUT --hf`.
+    `eval-harness`, `generate`, and `python tools/zero_to_fp32.py RUN OUT --hf`.
     """
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
@@ -141,8 +141,9 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
 @click.option("--hf-config", help="HF dataset config.")
 @click.option("--split", default="test", help="HF dataset split.")
 @click.option("--text-column", default="text", help="HF dataset text column (documents joined with blank lines).")
-@click.option("--context", type=int, help="Window length in tokens. [default: the model's block size]")
-@click.option("--stride", type=int, help="Tokens between window starts (= context: non-overlapping). [default: context/2]")
+@click.option("--context", type=int, help="Tokens the model sees per window. [default: the model's block size]")
+@click.option("--stride", type=int,
+              help="New tokens scored per window (= context: lm-eval's rolling loglikelihood). [default: context/2]")
 @click.option("--batch-size", type=int, default=8, help="Windows per forward pass (does not change the result).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
@@ -153,7 +154,8 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
 def eval_ppl(json_output, **options):
-    """Perplexity with a strided sliding window (HF guide method), plus bits per byte.
+    """Perplexity with a strided sliding window, plus bits per byte: every token scored once, the first
+    conditioned on end-of-text (as lm-eval's rolling loglikelihood).
 
     Data-parallel under `deepspeed --module trainer.cli eval-ppl ...` or torchrun, same result as 1 rank.
     """
@@ -178,6 +180,32 @@ def eval_hellaswag(**options):
     from trainer import evaluate
 
     evaluate.run_hellaswag(**options)
+
+
+@cli.command("eval-harness", context_settings={"show_default": True})
+@click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
+@click.option("--tasks", required=True,
+              help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,lambada_openai,arc_easy,piqa,wikitext.")
+@click.option("--limit", type=int, help="Score only the first N examples of each task.")
+@click.option("--num-fewshot", type=int, help="Few-shot examples per prompt. [default: each task's own]")
+@click.option("--batch-size", type=int, default=8, help="Requests per forward pass (padded to the longest).")
+@click.option("--include-path", type=click.Path(), help="Directory of your own task YAMLs (e.g. over local jsonl files).")
+@click.option("--max-gen-toks", type=int, default=256, help="Generation length for tasks that do not set one.")
+@click.option("--seed", type=int, default=1234, help="Seed for tasks that sample (do_sample); request i uses seed + i.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
+@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--json", "json_output", is_flag=True, help="Print the results as one JSON line.")
+def eval_harness(json_output, **options):
+    """Standard benchmarks with lm-evaluation-harness (pip install -e ".[eval]"), our model in process.
+
+    Data-parallel under `deepspeed --module trainer.cli eval-harness ...` or torchrun, same numbers as 1 rank.
+    """
+    from trainer import harness
+
+    harness.run(harness.HarnessConfig(**options), json_output=json_output)
 
 
 @cli.command(context_settings={"show_default": True})

@@ -104,6 +104,10 @@ def resolve(yaml_path: Optional[str], flags: dict) -> TrainConfig:
     values = load_yaml(yaml_path) if yaml_path else {}
     overrides = dict(values.pop("model_overrides", None) or values.pop("set", None) or {})
     overrides.update(flags.pop("model_overrides", {}) or {})
+    if {"global_batch", "global_batch_tokens"} & set(flags):
+        # A batch size flag replaces the YAML's batch size in whichever form the YAML gives it.
+        values.pop("global_batch", None)
+        values.pop("global_batch_tokens", None)
     values.update(flags)
     values["model_overrides"] = overrides
     if values.get("data") is None:

@@ -2,8 +2,11 @@
 
 Documents are tokenized in order (with `workers` processes, output order and bytes do not depend on
 the worker count), each prefixed by the end-of-text id as in llm.c, so documents are separated by
-it. The first documents, whole, make the validation split (`val_tokens`); train shards are closed
-at the first document boundary past `shard_tokens`. Shards are written atomically and a state file
+it. Validation holds out whole documents: by default (`val_tokens=None`) a document goes to
+validation when that keeps the validation split nearer 5% of the tokens read so far, up to 10M
+tokens, so a small corpus keeps about 5% and a large one 10M tokens spread over its first 200M;
+`val_tokens=N` holds out the first documents, N tokens' worth. Train shards are closed at
+the first document boundary past `shard_tokens`. Shards are written atomically and a state file
 records finished shards, so an interrupted conversion resumes without redoing them; meta.json is
 written last and marks the dataset complete.
 """
@@ -24,6 +27,25 @@ from trainer.tokenizer import get_tokenizer
 
 STATE = ".convert_state.json"
 CHARS_PER_TASK = 2_000_000  # big tasks amortise process hand-off and tiktoken's per-call thread pool
+VAL_FRACTION = 0.05         # default validation split: this fraction of the tokens...
+VAL_CAP = 10_000_000        # ...up to this many tokens
+FLAGS = {"source": "--source", "tokenizer": "--tokenizer", "text_field": "--text-field",
+         "shard_tokens": "--shard-tokens", "val_tokens": "--val-tokens"}
+
+
+def val_rule(val_tokens: Optional[int]) -> str:
+    if val_tokens is None:
+        return f"default: {VAL_FRACTION:.0%} of the tokens as whole documents, at most {VAL_CAP:,}"
+    return f"the first documents, {val_tokens:,} tokens"
+
+
+def _differences(saved: dict, identity: dict) -> str:
+    """'--val-tokens 10000000 (now default)' for each setting that differs, as the flags spell them."""
+    def show(key, value):
+        return "default" if key == "val_tokens" and value is None else value
+
+    return ", ".join(f"{FLAGS[k]} {show(k, saved.get(k))} (now {show(k, v)})"
+                     for k, v in identity.items() if saved.get(k) != v)
 
 
 def _identity(source, tokenizer, text_field, shard_tokens, val_tokens) -> dict:
@@ -51,26 +73,35 @@ def _chunks(documents, chars: int):
 
 
 class _Writer:
-    """Accumulates token arrays and writes shards at the split's boundaries, recording state."""
+    """Buffers token arrays per split and writes shards at the splits' boundaries, recording state."""
 
     def __init__(self, out: Path, vocab_size: int, state: dict):
         self.out, self.vocab_size, self.state = out, vocab_size, state
-        self.buffer, self.buffered = [], 0
+        self.buffers = {"train": [], "val": []}
+        self.counts = {"train": 0, "val": 0}  # tokens in each buffer (kept, not summed: called per document)
 
-    def add(self, tokens: np.ndarray):
-        self.buffer.append(tokens)
-        self.buffered += len(tokens)
+    def add(self, split: str, tokens: np.ndarray):
+        self.buffers[split].append(tokens)
+        self.counts[split] += len(tokens)
 
-    def flush(self, split: str, units_consumed: int):
-        if not self.buffered:
-            return
-        index = sum(1 for s in self.state["shards"] if s["split"] == split)
-        name = f"{split}_{index:06d}.bin"
-        info = write_shard(self.out / name, np.concatenate(self.buffer), vocab_size=self.vocab_size)
-        self.state["shards"].append({"name": name, "split": split, **info})
+    def buffered(self, split: str) -> int:
+        return self.counts[split]
+
+    def written(self, split: Optional[str] = None) -> int:
+        return sum(s["tokens"] for s in self.state["shards"] if split in (None, s["split"]))
+
+    def flush(self, units_consumed: int, *splits: str):
+        """Write the given splits' buffers (val first), then record how far the input was consumed."""
+        for split in sorted(splits, reverse=True):
+            if not self.buffers[split]:
+                continue
+            index = sum(1 for s in self.state["shards"] if s["split"] == split)
+            name = f"{split}_{index:06d}.bin"
+            info = write_shard(self.out / name, np.concatenate(self.buffers[split]), vocab_size=self.vocab_size)
+            self.state["shards"].append({"name": name, "split": split, **info})
+            self.buffers[split], self.counts[split] = [], 0
         self.state["consumed"] = units_consumed
         _write_json(self.out / STATE, self.state)
-        self.buffer, self.buffered = [], 0
 
 
 def _write_json(path: Path, data: dict):
@@ -79,10 +110,11 @@ def _write_json(path: Path, data: dict):
     tmp.replace(path)
 
 
-def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_000, val_tokens: int = 10_000_000,
+def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_000, val_tokens: Optional[int] = None,
             workers: int = 1, text_field: str = "text", progress: bool = True) -> dict:
-    """Convert `source` into a dataset directory; returns its meta.json contents."""
-    if shard_tokens <= 0 or val_tokens < 0 or workers <= 0:
+    """Convert `source` into a dataset directory; returns its meta.json contents. val_tokens None: the default
+    validation split (see the module docstring)."""
+    if shard_tokens <= 0 or (val_tokens is not None and val_tokens < 0) or workers <= 0:
         raise UserError("--shard-tokens and --workers must be positive and --val-tokens non-negative")
     tok = get_tokenizer(tokenizer)
     out = Path(out_dir)
@@ -92,16 +124,19 @@ def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_00
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in identity} == identity:
             return meta  # already converted
-        raise UserError(f"{out} already holds a different dataset (source {meta.get('source')}, tokenizer "
-                        f"{meta.get('tokenizer')}); choose another --out or delete that directory")
+        raise UserError(f"{out} already holds a different dataset, made with {_differences(meta, identity)}; "
+                        "choose another --out, or delete that directory to convert again")
     if out.exists() and any(out.glob("*.bin")) and not state_path.is_file():
         raise UserError(f"{out} holds .bin files that are not from an interrupted conversion; choose another --out")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state = {**identity, "shards": [], "consumed": 0}
     if state_path.is_file():
         saved = json.loads(state_path.read_text())
         if {k: saved.get(k) for k in identity} != identity:
-            raise UserError(f"{out} holds an interrupted conversion of another source/tokenizer; choose another --out")
+            raise UserError(f"{out} holds an interrupted conversion made with {_differences(saved, identity)}; "
+                            "rerun with its settings to finish it, or delete that directory (or choose another --out) "
+                            "to start over with these")
         state = saved
         for shard in state["shards"]:
             if not (out / shard["name"]).is_file():
@@ -111,20 +146,36 @@ def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_00
 
     writer = _Writer(out, tok.vocab_size, state)
     started = time.perf_counter()
-    if sources.is_token_source(source):
-        totals = _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress)
-    else:
-        totals = _convert_text(source, tokenizer, tok, writer, shard_tokens, val_tokens, workers, text_field, progress)
-    splits = {s: sum(x["tokens"] for x in state["shards"] if x["split"] == s) for s in ("train", "val")}
+    try:
+        if sources.is_token_source(source):
+            totals = _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress)
+        else:
+            totals = _convert_text(source, tokenizer, tok, writer, shard_tokens, val_tokens, workers, text_field,
+                                   progress)
+    except _AllValidation as e:  # nothing was written: leave no half-made directory behind
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise UserError(f"source '{source}' holds only {e.tokens:,} tokens, and --val-tokens {val_tokens} would hold "
+                        f"all of them out for validation; pass a smaller --val-tokens (e.g. {e.tokens // 20}) or "
+                        f"leave it out ({val_rule(None)})")
+    splits = {s: writer.written(s) for s in ("train", "val")}
     if splits["train"] == 0:
-        raise UserError(f"source '{source}' produced no training tokens (empty input, or everything went to "
-                        f"validation: lower --val-tokens)")
-    meta = {**identity, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "format": "llm.c shards v1/v2",
+        raise UserError(f"source '{source}' produced no training tokens (all of it went to validation: pass a "
+                        "smaller --val-tokens, or --val-tokens 0 to train on everything)")
+    meta = {**identity, "val_rule": val_rule(val_tokens), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "format": "llm.c shards v1/v2",
             "train_tokens": splits["train"], "val_tokens_written": splits["val"], "shards": state["shards"],
             **totals, "seconds": round(time.perf_counter() - started, 2)}
     _write_json(meta_path, meta)
     state_path.unlink(missing_ok=True)
     return meta
+
+
+class _AllValidation(Exception):
+    """The whole source fits in --val-tokens: raised before anything is written."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
 
 
 def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, text_field, progress):
@@ -135,7 +186,9 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
     chunks = ((spec, docs, threads) for docs in _chunks(documents, CHARS_PER_TASK))
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)
-    val_done = any(s["split"] == "val" for s in writer.state["shards"]) or val_tokens == 0
+    # --val-tokens N: the first documents until N tokens; default: a fraction of what was read, capped.
+    first_val_done = any(s["split"] == "val" for s in writer.state["shards"]) or val_tokens == 0
+    val_total, seen = writer.written("val"), writer.written()
     n_docs, n_bytes, n_tokens = consumed, 0, 0
     bar = tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
@@ -144,12 +197,19 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
             for tokens in arrays:
                 n_docs += 1
                 n_tokens += len(tokens)
-                writer.add(tokens)
-                if not val_done and writer.buffered >= val_tokens:
-                    writer.flush("val", n_docs)
-                    val_done = True
-                elif val_done and writer.buffered >= shard_tokens:
-                    writer.flush("train", n_docs)
+                seen += len(tokens)
+                if val_tokens is None:  # whichever keeps the split nearer the fraction, never past the cap
+                    to_val = (val_total + len(tokens) / 2 <= VAL_FRACTION * seen
+                              and val_total + len(tokens) <= VAL_CAP)
+                else:
+                    to_val = not first_val_done
+                writer.add("val" if to_val else "train", tokens)
+                val_total += len(tokens) if to_val else 0
+                if val_tokens is not None and to_val and writer.buffered("val") >= val_tokens:
+                    writer.flush(n_docs, "val")
+                    first_val_done = True
+                elif writer.buffered("train") >= shard_tokens:
+                    writer.flush(n_docs, "train", "val")  # together: the state then covers every document read
             n_bytes += chunk_bytes
             bar.update(chunk_bytes)
             bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
@@ -159,11 +219,15 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
             pool.terminate()
     if n_docs == 0:
         raise UserError(f"source '{source}' has no documents (empty input)")
-    writer.flush("train" if val_done else "val", n_docs)
+    if val_tokens is not None and not first_val_done:
+        raise _AllValidation(writer.buffered("val"))
+    writer.flush(n_docs, "train", "val")
     return {"documents": n_docs, "text_bytes": n_bytes}
 
 
 def _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress):
+    if val_tokens is None:  # no documents to pick from: the first tokens, as many as the default allows
+        val_tokens = int(min(VAL_CAP, VAL_FRACTION * sum(len(a) for a in sources.iter_token_arrays(source))))
     consumed = writer.state["consumed"]
     position = 0
     val_done = any(s["split"] == "val" for s in writer.state["shards"]) or val_tokens == 0
@@ -175,18 +239,21 @@ def _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress):
         start = max(0, consumed - position)
         position += len(array)
         while start < len(array):
-            limit = val_tokens if not val_done else shard_tokens
-            take = min(len(array) - start, limit - writer.buffered)
-            writer.add(np.asarray(array[start:start + take], dtype=np.uint32))
+            split = "train" if val_done else "val"
+            limit = shard_tokens if val_done else val_tokens
+            take = min(len(array) - start, limit - writer.buffered(split))
+            writer.add(split, np.asarray(array[start:start + take], dtype=np.uint32))
             start += take
             bar.update(take)
-            if writer.buffered >= limit:
-                writer.flush("train" if val_done else "val", position - (len(array) - start))
+            if writer.buffered(split) >= limit:
+                writer.flush(position - (len(array) - start), split)
                 val_done = True
     bar.close()
     if position == 0:
         raise UserError(f"source '{source}' holds no tokens")
-    writer.flush("train" if val_done else "val", position)
+    if not val_done:
+        raise _AllValidation(writer.buffered("val"))
+    writer.flush(position, "train", "val")
     return {"documents": None, "text_bytes": None}
 
 

@@ -1,15 +1,19 @@
 """Evaluation: perplexity with a strided sliding window, and HellaSwag completion scoring.
 
-Perplexity follows the Hugging Face perplexity guide ("Perplexity of fixed-length models"):
-windows of at most `context` tokens start every `stride` tokens; each window scores only the
-tokens the previous window did not (so every token after the first is scored exactly once, with
-as much left context as the window allows), and the first token of a window is never scored
-because nothing predicts it (the guide's fix for the first window). stride == context gives
-non-overlapping blocks. The loss is the model's own, `model(x, y)` (models/loss.py), the function
-training minimises.
+Perplexity scores every token of the text once, the first one conditioned on the end-of-text token
+(the token every training document starts with), the rule of lm-evaluation-harness's rolling
+loglikelihood. Windows feed the model at most `context` tokens; the first window predicts the first
+`context` tokens, each later window the next `stride` ones with the tokens before them as context, and
+every window reaches back as far as the context allows (the last one too). stride == context is
+exactly lm-eval's `loglikelihood_rolling` (each block's first token sees the previous token); a smaller
+stride gives every token at least context - stride + 1 tokens of context, as in the Hugging Face guide
+"Perplexity of fixed-length models", minus the guide's unscored first token per window. Shard data
+(`--data`) already starts with end-of-text (every document does), so nothing is prepended there. The
+loss is the model's own, `model(x, y)` (models/loss.py), the function training minimises.
 Results are token-weighted: nll = total NLL / scored tokens, ppl = exp(nll); bits per byte =
 total NLL / ln 2 / UTF-8 bytes of the text (comparable across tokenizers); word-level
-perplexity = exp(total NLL / whitespace-separated words), as the GPT-2 paper reports.
+perplexity = exp(total NLL / whitespace-separated words), as the GPT-2 paper reports. Since every
+token is scored, the bytes and words counted are exactly the ones the NLL covers.
 
 Batches never mix window lengths and each rank takes whole batches, so a window's loss is
 computed by the same kernel calls whatever the rank count; per-window sums are all-reduced in
@@ -69,20 +73,19 @@ def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
 # ---- perplexity ----------------------------------------------------------------------------------
 
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) per window, the HF guide's loop: tokens[begin:end] is fed, tokens
-    first_scored..end-1 are scored; every token but the very first is scored exactly once."""
-    if context < 2:
-        raise UserError(f"--context {context}: a window needs at least 2 tokens")
+    """(begin, end, first_scored) per window over a stream of n_tokens whose token 0 only conditions (the
+    end-of-text prefix): tokens[begin:end-1] (at most `context` tokens) are fed and the predictions of
+    tokens first_scored..end-1 are scored. Every token after token 0 is scored exactly once."""
+    if context < 1:
+        raise UserError(f"--context {context}: a window feeds at least 1 token")
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} must be between 1 and --context {context} (a larger stride would "
                         "skip tokens)")
-    windows, prev_end = [], 0
-    for begin in range(0, max(n_tokens - 1, 0), stride):
-        end = min(begin + context, n_tokens)
-        windows.append((begin, end, max(begin + 1, prev_end)))
-        prev_end = end
-        if end == n_tokens:
-            break
+    windows, scored_to = [], 1
+    while scored_to < n_tokens:
+        end = min(scored_to + (stride if windows else context), n_tokens)
+        windows.append((max(0, end - 1 - context), end, scored_to))
+        scored_to = end
     return windows
 
 
@@ -123,12 +126,16 @@ def window_nlls(model, tokens: torch.Tensor, windows, batch_size: int, device, p
 
 
 def perplexity(model, tokens, context: int, stride: int, batch_size: int = 8, device="cpu",
-               progress: bool = False) -> dict:
+               progress: bool = False, prefix: Optional[int] = None) -> dict:
     """{'nll', 'ppl', 'tokens', 'total_nll', 'windows'} for a 1-D token sequence; data-parallel when
-    torch.distributed is initialised (every rank passes the same tokens)."""
-    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    torch.distributed is initialised (every rank passes the same tokens). `prefix` (the end-of-text id) is
+    fed before the first token so that it is scored too; None when the tokens already start with it."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if prefix is not None:
+        tokens = np.concatenate([np.asarray([prefix], dtype=np.int64), tokens])
+    tokens = torch.as_tensor(tokens)
     if tokens.numel() < 2:
-        raise UserError(f"the text has {tokens.numel()} token(s); at least 2 are needed to score anything")
+        raise UserError("the text has no tokens to score")
     if context > model.config.block_size:
         raise UserError(f"--context {context} is larger than the model's block size {model.config.block_size}")
     if batch_size < 1:
@@ -249,6 +256,7 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
             tokens = tokens[:cfg.max_tokens]
         text, n_bytes = text_of_tokens(tokenizer, tokens)
         n_bytes = max(n_bytes, 1)
+        prefix = None if int(tokens[0]) == tokenizer.eot_id else tokenizer.eot_id  # documents start with it
     else:
         tokenizer = modelio.require_tokenizer(spec, cfg.model_path)
         text = load_text(cfg)
@@ -259,11 +267,13 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
             tokens = tokens[:cfg.max_tokens]
             text = tokenizer.decode(tokens)
         n_bytes = len(text.encode("utf-8"))
+        prefix = tokenizer.eot_id
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise UserError(f"token id {int(np.max(tokens))} is outside the model's vocabulary "
                         f"({model.config.vocab_size}); the data was made with another tokenizer")
 
-    result = perplexity(model, tokens, context, stride, cfg.batch_size, device, progress=cfg.progress and dist.is_main())
+    result = perplexity(model, tokens, context, stride, cfg.batch_size, device, progress=cfg.progress and dist.is_main(),
+                        prefix=prefix)
     total = result.pop("total_nll")
     result["bits_per_byte"] = total / math.log(2) / n_bytes
     result["bytes"] = n_bytes

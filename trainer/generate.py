@@ -10,6 +10,7 @@ computes. Sampling draws on the CPU from fp32 probabilities with a generator see
 import json
 import sys
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -69,16 +70,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k=None, top_p=None
 
 
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                 top_p=None, eot_id: Optional[int] = None, generator=None, use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one at a time; stops after max_new_tokens or before yielding eot_id."""
-    if not prompt_ids:
-        raise UserError("the prompt has no tokens; pass --prompt TEXT (an empty prompt starts from end-of-text)")
+def next_tokens(model, prompt_ids: list[int], temperature: float = 1.0, top_k=None, top_p=None, generator=None,
+                use_cache: bool = True) -> Iterator[int]:
+    """Yield the tokens that follow prompt_ids, without end: exactly one forward pass of the model per token."""
     block = model.config.block_size
     device = model.wte.weight.device
     ids = list(prompt_ids)
     cache = None
-    for _ in range(max_new_tokens):
+    while True:
         if not use_cache:
             logits = model(torch.tensor([ids[-block:]], device=device))
         elif cache is None or cache.length >= block:
@@ -87,9 +86,19 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         else:
             logits = model(torch.tensor([ids[-1:]], device=device), kv_cache=cache)
         token = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
+        ids.append(token)
+        yield token
+
+
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, eot_id: Optional[int] = None, generator=None, use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after max_new_tokens or before yielding eot_id."""
+    if not prompt_ids:
+        raise UserError("the prompt has no tokens; pass --prompt TEXT (an empty prompt starts from end-of-text)")
+    steps = next_tokens(model, prompt_ids, temperature, top_k, top_p, generator, use_cache)
+    for token in islice(steps, max_new_tokens):
         if eot_id is not None and token == eot_id:
             return
-        ids.append(token)
         yield token
 
 

