@@ -35,7 +35,7 @@ setup(
     extras_require={
         # eval-harness; [hf] also brings `lm_eval --model hf` for the exported models (the tests' reference)
         "eval": [EVAL],
-        "test": ["pytest>=7.4", "hypothesis>=6.90", EVAL],
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.6", EVAL],
         "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["gpt-trainer=trainer.cli:cli"]},

@@ -27,13 +27,14 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
 
     from models import GPT, get_config
     from trainer import engine, memory
+    from trainer.ds_config import build_ds_config, load_ds_config
     from trainer.optim import param_groups
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    base = engine.load_ds_config(f"zero{stage}_bf16" if precision == "bf16" else "zero2_fp32")
+    base = load_ds_config(f"zero{stage}_bf16" if precision == "bf16" else "zero2_fp32")
     base.setdefault("zero_optimization", {})["stage"] = stage
-    ds_config = engine.build_ds_config(base, micro_batch=micro_batch, grad_accum=1, world_size=world, grad_clip=1.0,
-                                       lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ds_config = build_ds_config(base, micro_batch=micro_batch, grad_accum=1, world_size=world, grad_clip=1.0,
+                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     _, before = memory.live_tensor_bytes()
     torch.manual_seed(0)
     cfg = get_config(ENGINE_MODEL[0], **ENGINE_MODEL[1])
@@ -58,7 +59,7 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
               "n_params": n_params, "measured_after_backward": after_backward,
               "estimated_after_backward": expected_step + est["grads"],
               "measured_after_step": after_step, "estimated_after_step": expected_step}
-    del eng, model
+    eng = model = None  # release the engine before the next one is built
     return result
 
 
@@ -125,6 +126,7 @@ def cmd_gpu(args) -> None:
 
     from models import GPT
     from trainer import engine, memory
+    from trainer.ds_config import build_ds_config, load_ds_config
     from trainer.optim import param_groups
 
     if not torch.cuda.is_available():
@@ -133,9 +135,9 @@ def cmd_gpu(args) -> None:
     cfg = memory.model_config(args.model)
     model = GPT(cfg)
     model.set_activation_checkpointing(args.activation_checkpointing)
-    base = engine.load_ds_config(args.ds_config)
-    ds_config = engine.build_ds_config(base, micro_batch=args.micro_batch, grad_accum=1, world_size=1, grad_clip=1.0,
-                                       lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    base = load_ds_config(args.ds_config)
+    ds_config = build_ds_config(base, micro_batch=args.micro_batch, grad_accum=1, world_size=1, grad_clip=1.0,
+                                lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     eng = engine.initialize(model, param_groups(model, 0.1), ds_config)
     x = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), device=engine.device())
     torch.cuda.reset_peak_memory_stats()

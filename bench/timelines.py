@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.helpers import cli_command, launch_env  # noqa: E402 (the repository goes on sys.path first)
+
 STEPS, LR, MIN_LR, WARMUP = 12, 2e-3, 2e-4, 3
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 LAUNCH_TIMEOUT = 300
@@ -79,22 +81,6 @@ def pretrain_args(data: Path, out: Path, s: Settings, *extra) -> list:
             "--warmup-steps", str(WARMUP), "--max-steps", str(STEPS), "--eval-every", "0", "--log-every", "1",
             "--seed", "11", "--no-tracking", "--ds-config", f"zero{s.stage}_bf16", "--save-every", str(s.save_every),
             "--keep-last", str(s.keep_last), *map(str, extra)]
-
-
-def command(args: list, ranks: int) -> list:
-    from trainer.dist import free_port
-
-    if ranks == 1:
-        return [sys.executable, "-m", "trainer.cli", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), "--module", "trainer.cli", *args]
-
-
-def clean_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 class Violation(AssertionError):
@@ -169,7 +155,7 @@ class Timeline:
         with open(log_file, "a") as out:
             out.write(f"\n=== {' '.join(args)} (kill: {kill})\n")
             out.flush()
-            proc = subprocess.Popen(command(args, self.settings.ranks), cwd=REPO, env=clean_env(), stdout=out,
+            proc = subprocess.Popen(cli_command(args, self.settings.ranks), cwd=REPO, env=launch_env(), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             outcome = self._wait(proc, kill)
         if outcome == "exit 0" or outcome.startswith("killed"):
@@ -220,7 +206,8 @@ class Timeline:
 
     def op_kill(self):
         kind = self.rng.choice(["after-steps", "saving", "delay"])
-        value = {"after-steps": self.rng.randint(1, 5), "saving": None, "delay": round(self.rng.uniform(0.5, 12), 2)}[kind]
+        value = {"after-steps": self.rng.randint(1, 5), "saving": None,
+                 "delay": round(self.rng.uniform(0.5, 12), 2)}[kind]
         return f"kill {kind} {value}", self.launch(kill=(kind, value))
 
     def op_rewind(self):
@@ -308,7 +295,8 @@ class Timeline:
 
     def _check_invocation(self, invocation: dict, pure: bool, settings: Settings) -> None:
         for group, h in invocation["hparams"].items():
-            check(h["lr"] == expected_lr(invocation["start"], settings.lr), "schedule", f"{group} lr {h['lr']} at start, expected {expected_lr(invocation['start'], settings.lr)}")
+            want = expected_lr(invocation["start"], settings.lr)
+            check(h["lr"] == want, "schedule", f"{group} lr {h['lr']} at start, expected {want}")
             check(tuple(h["betas"]) == BETAS and h["eps"] == EPS, "schedule", f"{group}: {h}")
             check(h["weight_decay"] == (WEIGHT_DECAY if group == "decay" else 0.0), "schedule", f"{group}: {h}")
         for r in invocation["steps"]:
@@ -316,9 +304,8 @@ class Timeline:
             check(abs(r["lr"] - want) <= 1e-12 * want, "schedule", f"step {r['step']}: lr {r['lr']}, expected {want}")
             if pure:
                 ref = self.reference[r["step"]]
-                got = (r["loss"], r["grad_norm"], r["lr"], r["tokens"])
-                check(got == (ref["loss"], ref["grad_norm"], ref["lr"], ref["tokens"]), "bitwise",
-                      f"step {r['step']}: {got} != reference {(ref['loss'], ref['grad_norm'], ref['lr'], ref['tokens'])}")
+                got, want = ([x[k] for k in ("loss", "grad_norm", "lr", "tokens")] for x in (r, ref))
+                check(got == want, "bitwise", f"step {r['step']}: {got} != reference {want}")
 
     def _check_checkpoints(self, before: dict, abandoned_before: set, now: dict, start, settings: Settings) -> None:
         ck = self.checkpoint
@@ -357,8 +344,8 @@ def make_reference(data: Path, workdir: Path) -> dict:
     run_dir = workdir / "reference"
     if not (run_dir / "metrics.jsonl").is_file() or len(invocations(run_dir)[0]["steps"]) != STEPS:
         shutil.rmtree(run_dir, ignore_errors=True)
-        proc = subprocess.run(command(pretrain_args(data, run_dir, REFERENCE), REFERENCE.ranks), cwd=REPO,
-                              env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        proc = subprocess.run(cli_command(pretrain_args(data, run_dir, REFERENCE), REFERENCE.ranks), cwd=REPO,
+                              env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
         if proc.returncode != 0:
             raise RuntimeError(f"reference run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     [only] = invocations(run_dir)
@@ -379,7 +366,8 @@ def run_timelines(seeds, n_ops: int, workdir: Path, log=print) -> dict:
             failures[seed] = {"ops": timeline.ops, "violation": str(e)}
             log(f"timeline {seed}: VIOLATION {str(e)[:2000]}")
         else:
-            log(f"timeline {seed}: {len(timeline.ops)} operations, every invariant held ({time.time() - started:.0f} s)")
+            log(f"timeline {seed}: {len(timeline.ops)} operations, every invariant held "
+                f"({time.time() - started:.0f} s)")
             shutil.rmtree(timeline.run_dir, ignore_errors=True)
     for port_file in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):  # left by killed ranks
         port_file.unlink(missing_ok=True)
@@ -402,7 +390,8 @@ def main():
     summary = run_timelines(range(args.first, args.first + args.seeds), args.ops, workdir,
                             log=lambda m: print(m, file=sys.stderr if args.json else sys.stdout, flush=True))
     print(f"{summary['held']} of {summary['timelines']} timelines held every invariant: {summary['operations']} "
-          f"operations ({summary['kills']} kill -9), {summary['checks']} checks", file=sys.stderr if args.json else None)
+          f"operations ({summary['kills']} kill -9), {summary['checks']} checks",
+          file=sys.stderr if args.json else None)
     if args.json:
         print(json.dumps(summary))
     sys.exit(0 if not summary["failures"] else 1)

@@ -5,7 +5,7 @@
     deepspeed --num_gpus 2 bench/train_throughput.py --model gpt2-mini --seq-len 256 --micro-batch 4
 
 Both models run in the same process through the same code: the DeepSpeed JSON given by --ds-config
-merged by `trainer.engine.build_ds_config`, `trainer.engine.initialize`, batches from
+merged by `trainer.ds_config.build_ds_config`, `trainer.engine.initialize`, batches from
 `trainer.data.TrainStream` (a synthetic dataset of random tokens, or --data DIR), and the training
 loop's idiom `engine(x, y)` -> `engine.backward` -> `engine.step`. "ours" is `models.GPT` with the
 padded vocabulary the trainer uses, computing its loss itself (models/loss.py); "hf" is
@@ -227,12 +227,13 @@ def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
             step()
             sync()
         sort = "cuda_time_total" if cuda else "self_cpu_time_total"
-        print(f"--- profile of one step: {impl} ---\n{prof.key_averages(group_by_input_shape=by_shape).table(sort_by=sort, row_limit=25)}", flush=True)
+        table = prof.key_averages(group_by_input_shape=by_shape).table(sort_by=sort, row_limit=25)
+        print(f"--- profile of one step: {impl} ---\n{table}", flush=True)
     result = {"model": name, "params": n_params, "step_s": min(windows) / args.steps,
               "window_s": windows, "final_loss": loss.item()}
     if cuda:
         result["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del engine, model
+    engine = model = None  # release the engine before the next model is built
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -243,6 +244,8 @@ def main(argv=None):
     args = parse_args(argv)
 
     from trainer import dist, engine as ds_engine, hostmem
+    from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path, zero_stage
+    from trainer.ds_config import precision as ds_precision
     from trainer.data import Dataset, TrainStream
     from trainer.errors import UserError
 
@@ -261,10 +264,10 @@ def main(argv=None):
         needed = (args.warmup + args.steps * args.repeats + 1) * global_batch * (args.seq_len + 1)
         dataset = synthetic_dataset(cfg.vocab_size, max(needed, 1 << 20))
     stream = TrainStream(dataset, args.seq_len, global_batch, seed=0)
-    ds_config = ds_engine.build_ds_config(
-        ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+    ds_config = build_ds_config(
+        load_ds_config(args.ds_config), micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         world_size=world, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    precision = ds_engine.precision(ds_config)
+    precision = ds_precision(ds_config)
     device = ds_engine.device()
 
     # PaLM FLOPs of the unpadded model: the pad rows are our optimisation, not useful work.
@@ -282,8 +285,8 @@ def main(argv=None):
         "model": args.model, "overrides": args.overrides, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
         "n_head": cfg.n_head, "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size,
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "ranks": world,
-        "tokens_per_step": tokens_per_step, "ds_config": str(ds_engine.resolve_ds_config_path(args.ds_config).name),
-        "zero_stage": ds_engine.zero_stage(ds_config), "precision": precision,
+        "tokens_per_step": tokens_per_step, "ds_config": str(resolve_ds_config_path(args.ds_config).name),
+        "zero_stage": zero_stage(ds_config), "precision": precision,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "threads_per_rank": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,

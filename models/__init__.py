@@ -4,5 +4,5 @@ from models.config import PRESETS, ModelConfig, get_config, list_configs, padded
 from models.gpt import GPT, KVCache
 from models.io import load, save
 
-__all__ = ["ModelConfig", "GPT", "KVCache", "PRESETS", "get_config", "list_configs", "padded_vocab_size", "save", "load",
-           "hf"]
+__all__ = ["ModelConfig", "GPT", "KVCache", "PRESETS", "get_config", "list_configs", "padded_vocab_size", "save",
+           "load", "hf"]

@@ -11,6 +11,7 @@ from typing import Optional
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POS_EMBS = ("learned", "rope")
+RETIRED_FIELDS = ("activation_checkpointing",)
 
 
 @dataclass
@@ -31,7 +32,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     padded_vocab_size: Optional[int] = None  # embedding/head rows, >= vocab_size (e.g. 50304); logits stay vocab_size
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         def check(ok, message):
@@ -56,6 +56,12 @@ class ModelConfig:
               f"padded_vocab_size {self.padded_vocab_size} is smaller than vocab_size {self.vocab_size}")
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else _llama_hidden(self.n_embd)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """A stored config (config.json, a checkpoint's model_config). Fields that older versions stored but
+        that are not architecture (activation_checkpointing, now a training switch) are dropped."""
+        return cls(**{k: v for k, v in values.items() if k not in RETIRED_FIELDS})
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +115,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+        raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; "
+                         f"valid fields: {', '.join(sorted(fields))}")
     base = {**PRESETS[name], **overrides}
     return ModelConfig(**base)

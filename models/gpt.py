@@ -98,7 +98,7 @@ class GPT(nn.Module):
         if c.rotary_dim:
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.activation_checkpointing = c.activation_checkpointing
+        self.activation_checkpointing = False  # a training switch: set_activation_checkpointing
         self.reset_parameters()
         self.refresh_buffers()
 

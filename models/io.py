@@ -34,7 +34,7 @@ def save(model: GPT, directory) -> Path:
 
 
 def read_config(directory) -> ModelConfig:
-    return ModelConfig(**json.loads((Path(directory) / CONFIG).read_text()))
+    return ModelConfig.from_dict(json.loads((Path(directory) / CONFIG).read_text()))
 
 
 def load(directory, map_location="cpu") -> GPT:

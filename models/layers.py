@@ -1,8 +1,9 @@
 """Building blocks: norms, rotary embeddings, causal self-attention, the two MLPs and the LM head.
 
 The LM head computes the loss itself when given targets (models/loss.py). Norms compute in fp32
-whatever the activation dtype (bf16 statistics over 1024+ channels lose precision) and cast back. RoPE uses the rotate-half layout, which is what HF Llama uses, so
-GPT-2.5 weights map to LlamaForCausalLM without permuting q/k.
+whatever the activation dtype (bf16 statistics over 1024+ channels lose precision) and cast back.
+RoPE uses the rotate-half layout, which is what HF Llama uses, so GPT-2.5 weights map to
+LlamaForCausalLM without permuting q/k.
 """
 import torch
 import torch.nn as nn

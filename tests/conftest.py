@@ -10,3 +10,12 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
     convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_shm_buffers():
+    """deepspeed_allreduce_buffer_* files (~69 MB per rank) outlive even clean exits; a killed run's certainly do."""
+    yield
+    from helpers import remove_shm_buffers
+
+    remove_shm_buffers()

@@ -1,17 +1,23 @@
-"""Shared test helpers (imported by test modules; pytest puts tests/ on sys.path)."""
+"""Shared test helpers: tiny models, launching the CLI as users do, reading a run directory (imported by test
+modules, which never import each other; pytest puts tests/ on sys.path)."""
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 import models
 
 
-def random_model(**overrides) -> models.GPT:
+def random_model(vocab_size: int = 257, **overrides) -> models.GPT:
     """A tiny byte-level model with norms and biases moved off their init values (so parity sees them),
     in eval mode, the same weights on every call."""
     torch.manual_seed(0)
-    model = models.GPT(models.get_config("tiny", vocab_size=257, **overrides)).eval()
+    model = models.GPT(models.get_config("tiny", vocab_size=vocab_size, **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(3.0)
@@ -31,3 +37,140 @@ def single_process_env():
         yield
     finally:
         os.environ.update(saved)
+
+
+# ---- launching the CLI the way users do ----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+# The tiny run most end-to-end tests train (each adds its length, cadence and DeepSpeed config).
+TINY_ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
+             "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7"]
+PORTS = set()  # master ports of multi-rank launches: DeepSpeed's CPU all-reduce leaves /dev/shm buffers per port
+
+
+def launch_env(**extra) -> dict:
+    """The environment of a child launch: the repository importable, one thread per rank, no launcher variables."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    return env
+
+
+def cli_command(args, ranks: int = 1, script=None) -> list:
+    """`python -m trainer.cli ARGS` (or `python SCRIPT ARGS`) on one rank; under the deepspeed launcher on more."""
+    from trainer.dist import free_port
+
+    if ranks == 1:
+        return [sys.executable, *([str(script)] if script else ["-m", "trainer.cli"]), *map(str, args)]
+    port = free_port()
+    PORTS.add(port)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+            *([str(script)] if script else ["--module", "trainer.cli"]), *map(str, args)]
+
+
+def run_cli(args, ranks: int = 1, check: bool = True, timeout: int = 600, script=None, env=None,
+            preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run a launch to its end (a hang past `timeout` is a failure); with `check`, a non-zero exit is one too."""
+    cmd = cli_command(args, ranks, script)
+    proc = subprocess.run(cmd, cwd=REPO, env=env or launch_env(), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def start_cli(args, log: Path, ranks: int = 2) -> subprocess.Popen:
+    """Start a launch in its own session (so os.killpg reaches the launcher and every rank), output to `log`."""
+    out = open(log, "w")
+    return subprocess.Popen(cli_command(args, ranks), cwd=REPO, env=launch_env(), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.is_file() else []
+
+
+def metrics(run_dir) -> list[dict]:
+    """Every complete record of RUN/metrics.jsonl (a line still being written has no newline yet)."""
+    return _json_lines(Path(run_dir) / "metrics.jsonl")
+
+
+def training_records(run_dir) -> list[dict]:
+    return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def events(run_dir) -> list[dict]:
+    return _json_lines(Path(run_dir) / "events.jsonl")
+
+
+def remove_shm_buffers() -> None:
+    for port in PORTS:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+
+
+# ---- running CLI jobs in one process ------------------------------------------------------------------
+
+def _drive(jobs_file: str, results_file: str) -> None:
+    """Run the jobs of `jobs_file` in this process; write {name: {...}} to `results_file`.
+
+    Hub downloads are replaced at the boundary: `datasets.load_dataset` returns the pydoc corpus as
+    records with a `text` field and remembers what was asked for. Everything after it (tokenizing,
+    sharding, pretraining) is the real code path.
+    """
+    from unittest import mock
+
+    import datasets
+    from click.testing import CliRunner
+
+    import tools.convert_shards
+    from trainer import pretrain
+    from trainer.cli import cli
+
+    asked = []
+
+    def load_dataset(name, config=None, split=None, streaming=False, **kwargs):
+        from pydoc_data.topics import topics
+
+        asked.append([name, config, split, streaming])
+        return ({"text": topics[key]} for key in sorted(topics))
+
+    real_run = pretrain.run
+    results = {}
+    for job in json.loads(Path(jobs_file).read_text()):
+        entry = results.setdefault(job["name"], {})
+        try:
+            if job.get("convert"):
+                asked.clear()
+                with mock.patch.object(datasets, "load_dataset", load_dataset):
+                    out = CliRunner().invoke(tools.convert_shards.main, job["convert"], catch_exceptions=False)
+                assert out.exit_code == 0, out.output
+                entry["hub"] = list(asked)
+            captured = {}
+
+            def run(cfg, json_output=False):
+                captured["config"] = cfg.to_dict()
+                started = time.time()
+                captured["result"] = real_run(cfg, json_output)
+                captured["seconds"] = time.time() - started
+
+            with mock.patch.object(pretrain, "run", run):
+                cli.main(["pretrain", *job["pretrain"]], standalone_mode=False)
+            entry.update(captured)
+        except BaseException as e:  # recorded for the test that owns the job; the other jobs still run
+            entry["error"] = f"{type(e).__name__}: {e}"
+    Path(results_file).write_text(json.dumps(results, default=str))
+
+
+def drive(jobs: list[dict], root: Path) -> dict:
+    """Run `jobs` with `_drive` in one fresh Python process (a plain single-rank launch); returns its results."""
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = launch_env(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    code = f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]; from helpers import _drive; " \
+           f"_drive({str(root / 'jobs.json')!r}, {str(root / 'results.json')!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0 or not (root / "results.json").is_file():
+        raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads((root / "results.json").read_text())

@@ -1,63 +1,51 @@
-"""bench/train_throughput.py: both models really train through the same engine, and the figures add up."""
+"""bench/train_throughput.py: both models really train through the same engine, and its figures are real:
+shapes and parameter counts as transformers counts them, MFU below the peak measured in the same run,
+and tokens/s no higher than the tokens it timed over the time the whole process took."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import time
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench" / "train_throughput.py"
-SHAPE = ["--seq-len", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--repeats", "1",
-         "--ds-config", "zero2_fp32", "--json"]
+from helpers import REPO, launch_env, run_cli
+
+BENCH = REPO / "bench" / "train_throughput.py"
+STEPS, WARMUP, REPEATS = 2, 1, 1
+SHAPE = ["--seq-len", "32", "--micro-batch", "2", "--steps", str(STEPS), "--warmup", str(WARMUP), "--repeats",
+         str(REPEATS), "--ds-config", "zero2_fp32", "--json"]
 
 
-def clean_env(tmp_path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # synthetic data under tmp_path
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def run_bench(cmd, tmp_path) -> dict:
-    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def run_bench(args, tmp_path, ranks=1) -> tuple[dict, float]:
+    started = time.perf_counter()
+    proc = run_cli(args, ranks=ranks, script=BENCH, env=launch_env(TMPDIR=str(tmp_path)))  # synthetic data there
+    elapsed = time.perf_counter() - started
     assert "ours / hf:" in proc.stdout  # the table a user reads
-    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{"))), elapsed
 
 
-def check(out: dict, ranks: int, hf_model: str):
+def check(out: dict, elapsed: float, ranks: int, hf_model: str):
     assert out["ranks"] == ranks and out["zero_stage"] == 2 and out["precision"] == "fp32"
-    assert out["tokens_per_step"] == 2 * ranks * 32
+    assert out["tokens_per_step"] == 2 * ranks * 32  # micro-batch x ranks x sequence length
     assert out["results"]["hf"]["model"].startswith(hf_model)
     ours, hf = out["results"]["ours"], out["results"]["hf"]
     for r in (ours, hf):
-        assert r["tokens_per_s"] == pytest.approx(out["tokens_per_step"] / r["step_s"])
-        assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * out["flops_per_token"])
+        # Every timed step happened inside this process: the rate cannot beat the tokens over the process's time.
+        assert r["tokens_per_s"] * elapsed >= (WARMUP + STEPS * REPEATS) * out["tokens_per_step"] > 0
         assert 0 < r["mfu"] <= 1.0  # against a peak measured in the same run: above 100% would be a wrong peak
         assert 0 < r["final_loss"] < 10  # a real loss, not NaN
-    assert out["ratio_ours_hf"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
-    # the same parameter count: the comparison is shape for shape (ours adds only the vocabulary padding rows)
+    # the same parameter count as transformers counts its model (ours adds only the vocabulary padding rows)
     pad_rows = (out["padded_vocab_size"] - out["vocab_size"]) * out["n_embd"]
     assert ours["params"] - pad_rows == hf["params"]
 
 
 def test_gpt2_vs_hf_one_rank(tmp_path):
-    out = run_bench([sys.executable, str(BENCH), "--model", "tiny", *SHAPE], tmp_path)
-    check(out, 1, "GPT2LMHeadModel")
+    check(*run_bench(["--model", "tiny", *SHAPE], tmp_path), 1, "GPT2LMHeadModel")
 
 
 def test_gpt25_vs_hf_llama_one_rank(tmp_path):
-    out = run_bench([sys.executable, str(BENCH), "--model", "tiny", "--set", "mlp=swiglu", "--set", "norm=rmsnorm",
-                     "--set", "pos_emb=rope", "--set", "bias=false", *SHAPE], tmp_path)
-    check(out, 1, "LlamaForCausalLM")
+    check(*run_bench(["--model", "tiny", "--set", "mlp=swiglu", "--set", "norm=rmsnorm", "--set", "pos_emb=rope",
+                      "--set", "bias=false", *SHAPE], tmp_path), 1, "LlamaForCausalLM")
 
 
 @pytest.mark.slow
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
-    from trainer.dist import free_port
-
-    out = run_bench([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                     str(free_port()), str(BENCH), "--model", "tiny", *SHAPE], tmp_path)
-    check(out, 2, "GPT2LMHeadModel")
+    check(*run_bench(["--model", "tiny", *SHAPE], tmp_path, ranks=2), 2, "GPT2LMHeadModel")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import engine
+from trainer import ds_config
 from trainer.errors import UserError
 
 NUMBERS = dict(micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -15,7 +15,7 @@ NUMBERS = dict(micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=3e-4
 @pytest.mark.parametrize("name", ["zero0_bf16", "zero1_bf16", "zero2_bf16", "zero2_offload_bf16", "zero3_bf16",
                                   "zero2_fp16", "zero2_fp32"])
 def test_every_shipped_config_merges(name):
-    config = engine.build_ds_config(engine.load_ds_config(name), **NUMBERS)
+    config = ds_config.build_ds_config(ds_config.load_ds_config(name), **NUMBERS)
     assert config["train_batch_size"] == 16
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 2
@@ -24,43 +24,43 @@ def test_every_shipped_config_merges(name):
 
 
 def test_stage_and_precision_are_read_from_the_json():
-    assert engine.zero_stage(engine.load_ds_config("zero3_bf16")) == 3
-    assert engine.precision(engine.load_ds_config("zero2_fp16")) == "fp16"
-    assert engine.precision(engine.load_ds_config("zero2_fp32")) == "fp32"
-    assert engine.offloads_optimizer(engine.load_ds_config("zero2_offload_bf16"))
+    assert ds_config.zero_stage(ds_config.load_ds_config("zero3_bf16")) == 3
+    assert ds_config.precision(ds_config.load_ds_config("zero2_fp16")) == "fp16"
+    assert ds_config.precision(ds_config.load_ds_config("zero2_fp32")) == "fp32"
+    assert ds_config.offloads_optimizer(ds_config.load_ds_config("zero2_offload_bf16"))
 
 
 def test_conflicting_batch_size_names_the_key():
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=8"):
-        engine.build_ds_config({"train_micro_batch_size_per_gpu": 8}, **NUMBERS)
+        ds_config.build_ds_config({"train_micro_batch_size_per_gpu": 8}, **NUMBERS)
 
 
 def test_conflicting_lr_names_the_key():
     with pytest.raises(UserError, match=r"optimizer\.params\.lr"):
-        engine.build_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}, **NUMBERS)
+        ds_config.build_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}, **NUMBERS)
 
 
 def test_auto_and_equal_values_are_accepted():
-    config = engine.build_ds_config({"train_batch_size": "auto", "gradient_clipping": 1.0}, **NUMBERS)
+    config = ds_config.build_ds_config({"train_batch_size": "auto", "gradient_clipping": 1.0}, **NUMBERS)
     assert config["train_batch_size"] == 16
 
 
 def test_scheduler_block_is_refused():
     with pytest.raises(UserError, match="scheduler"):
-        engine.build_ds_config({"scheduler": {"type": "WarmupLR"}}, **NUMBERS)
+        ds_config.build_ds_config({"scheduler": {"type": "WarmupLR"}}, **NUMBERS)
 
 
 def test_missing_and_malformed_json(tmp_path):
     with pytest.raises(UserError, match="zero2_bf16"):
-        engine.load_ds_config("no_such_config")
+        ds_config.load_ds_config("no_such_config")
     bad = tmp_path / "bad.json"
     bad.write_text("{\"zero_optimization\": ")
     with pytest.raises(UserError, match="not valid JSON"):
-        engine.load_ds_config(str(bad))
+        ds_config.load_ds_config(str(bad))
 
 
 def test_auto_config_is_a_shipped_file():
-    path = engine.resolve_ds_config_path("auto")
+    path = ds_config.resolve_ds_config_path("auto")
     assert path.is_file() and json.loads(path.read_text())["zero_optimization"]["stage"] == 2
 
 
@@ -78,8 +78,8 @@ def test_precision_is_read_the_way_deepspeed_reads_it(bf16, bfloat16, fp16, pres
     ds_bf16 = get_bfloat16_config(config).enabled
     ds_fp16 = get_float16_config(config).enabled
     expected = "bf16" if ds_bf16 else "fp16" if ds_fp16 else "fp32"
-    assert engine.precision(config) == expected
+    assert ds_config.precision(config) == expected
 
 
 def test_the_older_bfloat16_spelling_is_bf16():
-    assert engine.precision({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}) == "bf16"
+    assert ds_config.precision({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}) == "bf16"

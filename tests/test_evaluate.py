@@ -22,7 +22,7 @@ from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spe
 from trainer.tokenizer import get_tokenizer
 from tools.pydoc_tasks import write_rolling_task
 
-from helpers import random_model, single_process_env
+from helpers import random_model, run_cli, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,17 +333,9 @@ def test_zero0_checkpoint_without_optimizer_shards(tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_eval_equals_one_rank(files, tmp_path):
-    from trainer.dist import free_port
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["eval-ppl", "--model-path", str(files["consolidated"]), "--text-file", str(files["text"]),
             "--context", "64", "--stride", "24", "--batch-size", "3", "--no-progress", "--json"]
-    one = subprocess.run([sys.executable, "-m", "trainer.cli", *args], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                          str(free_port()), "--module", "trainer.cli", *args], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    one, two = run_cli(args), run_cli(args, ranks=2)
     r1 = json.loads(one.stdout.strip().splitlines()[-1])
     r2 = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][-1])
     assert r2["world_size"] == 2 and r1["tokens"] == r2["tokens"]

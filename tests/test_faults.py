@@ -17,80 +17,32 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import TINY_ARGS, run_cli, start_cli, training_records
 from trainer import checkpoint
 from trainer.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 24
-ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
-        "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7", "--global-batch", "8",
-        "--max-steps", str(STEPS), "--save-every", "2", "--keep-last", "3", "--no-tracking",
-        "--ds-config", "zero2_fp32"]
-
-
-def clean_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-PORTS = set()  # master ports used here: DeepSpeed's CPU all-reduce leaves a /dev/shm buffer per port and rank
-
-
-def command(args, ranks: int = 2) -> list:
-    from trainer.dist import free_port
-
-    if ranks == 1:
-        return [sys.executable, "-m", "trainer.cli", *args]
-    port = free_port()
-    PORTS.add(port)
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(port), "--module", "trainer.cli", *args]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _remove_shm_buffers():
-    """deepspeed_allreduce_buffer_* (~69 MB per rank) outlive even clean exits; a killed run's certainly do."""
-    yield
-    for port in PORTS:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+ARGS = [*TINY_ARGS, "--global-batch", "8", "--max-steps", str(STEPS), "--save-every", "2", "--keep-last", "3",
+        "--no-tracking", "--ds-config", "zero2_fp32"]
 
 
 def pretrain_args(data, out, *extra) -> list:
     return ["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra]
 
 
-def run(args, ranks=2, check=True, preexec_fn=None, timeout=600):
-    proc = subprocess.run(command(args, ranks), cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec_fn)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def start(args, log: Path, ranks=2) -> subprocess.Popen:
-    """Its own session, so os.killpg reaches the launcher and every rank it started."""
-    out = open(log, "w")
-    return subprocess.Popen(command(args, ranks), cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def run(args, ranks=2, **kwargs):
+    return run_cli(args, ranks=ranks, **kwargs)
 
 
 def logged(run_dir: Path) -> list[dict]:
     """Every complete training record in metrics.jsonl (a resumed run appends; steps repeat)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # a line still being written has no newline yet
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return training_records(run_dir)
 
 
 def by_step(run_dir: Path) -> dict:
@@ -164,7 +116,7 @@ KILLS = [("step", 11), ("save", 23), ("step", 5), ("save", 7), ("step", 17)]  # 
 def test_kill9_process_group_then_resume_is_bitwise(data, reference, tmp_path, where, seed):
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
-    proc = start(pretrain_args(data, run_dir), tmp_path / "killed.log")
+    proc = start_cli(pretrain_args(data, run_dir), tmp_path / "killed.log")
     if where == "step":
         step = rng.randint(2, STEPS - 4)
         kill_group_when(proc, lambda: len(logged(run_dir)) >= step)
@@ -205,7 +157,7 @@ def rank_pids(session: int, rank: int) -> list[int]:
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killing_one_rank_stops_the_others_then_resume_works(data, reference, tmp_path, victim):
     run_dir = tmp_path / "run"
-    proc = start(pretrain_args(data, run_dir), tmp_path / "run.log")
+    proc = start_cli(pretrain_args(data, run_dir), tmp_path / "run.log")
     deadline = time.time() + 300
     while len(logged(run_dir)) < 7:
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]

@@ -18,7 +18,8 @@ from trainer.data import HEADER_BYTES, MAGIC, Dataset, read_shard
 from trainer.errors import UserError
 
 _text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=12)
-_number = st.one_of(st.integers(-3, 300).map(str), st.floats(-10, 10).map(str), st.sampled_from(["nan", "inf", "-inf", "1e309"]), _text)
+_number = st.one_of(st.integers(-3, 300).map(str), st.floats(-10, 10).map(str),
+                    st.sampled_from(["nan", "inf", "-inf", "1e309"]), _text)
 # Values are kept small where a valid one would build something big (presets, widths, lengths).
 OPTIONS = {
     "--model": st.sampled_from(["tiny", "gpt3", "", "TINY", "tiny "]),

@@ -3,7 +3,6 @@ Face export (every metric, every request's loglikelihood, every generated text),
 kind, on 2 ranks as on 1, and bad input or a missing lm-eval is one clear line. Offline: local task YAMLs
 over pydoc jsonl files (a multiple-choice task, a loglikelihood_rolling task, a generate_until task)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,14 @@ from click.testing import CliRunner
 from trainer.cli import cli
 from tools.pydoc_tasks import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
 
-from helpers import single_process_env
+from helpers import launch_env, run_cli, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["pydoc_choice", "pydoc_rolling", "pydoc_generate"]
 
 
 def subprocess_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return launch_env(HF_DATASETS_OFFLINE="1")
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +125,9 @@ def test_every_model_path_kind_gives_the_same_numbers(run):
 
 @pytest.mark.slow
 def test_two_ranks_give_the_numbers_of_one(run):
-    from trainer.dist import free_port
-
     args = ["eval-harness", "--model-path", str(run["run"]), "--tasks", ",".join(TASKS), "--include-path",
             str(run["tasks"]), "--batch-size", "7", "--no-progress", "--json"]  # 15 choice batches: one rank idles
-    one = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                          str(free_port()), "--module", "trainer.cli", *args], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
+    one, two = run_cli(args, env=subprocess_env()), run_cli(args, ranks=2, env=subprocess_env())
     r1 = json.loads(one.stdout.strip().splitlines()[-1])
     r2 = json.loads([line for line in two.stdout.splitlines() if line.startswith("{")][-1])
     assert r2["world_size"] == 2 and r1["world_size"] == 1

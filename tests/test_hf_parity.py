@@ -2,19 +2,14 @@
 import pytest
 import torch
 
+import helpers
 from models import GPT, get_config, hf
 
 GPT25 = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False)
 
 
 def random_model(**overrides) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny", **overrides)).eval()
-    with torch.no_grad():  # move norms and biases off their init values so the parity check sees them
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return helpers.random_model(vocab_size=512, **overrides)
 
 
 @pytest.mark.parametrize("overrides, hf_class", [({}, "GPT2LMHeadModel"), (GPT25, "LlamaForCausalLM"),

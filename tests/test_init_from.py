@@ -7,8 +7,6 @@ to end through the CLI (first logged loss = the source's loss on the first batch
 update is negligible saves a checkpoint with exactly the source's logits); a different
 architecture is refused with the differing field named.
 """
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from trainer.loss import lm_loss
 from trainer.modelio import load_model, load_weights_into
 from trainer.pretrain import build_model_config
 
-from tests.test_recipes import drive, records
+from helpers import drive, metrics
 
 SMALL = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--global-batch", "8", "--ds-config",
          "zero2_fp32", "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--seed", "3"]
@@ -101,7 +99,7 @@ def test_init_from_end_to_end(data, tmp_path):
     x, y = TrainStream(Dataset.open(data), 64, 8, seed=3).local_batch(0, 0, 1)
     with torch.no_grad():
         expected = lm_loss(src(x), y).item()
-    first = records(tmp_path / "step0")[0]
+    first = metrics(tmp_path / "step0")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(expected, abs=1e-5)
 
     saved, _, info = load_model(tmp_path / "frozen")

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from models import get_config
-from trainer import dist, engine, memory
+from trainer import dist, ds_config, memory
 from trainer.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +44,13 @@ def test_model_states_fp32_and_offload_by_hand():
 
 
 def test_buckets_from_json():
-    z2 = memory.DSSetup.from_json(engine.load_ds_config("zero2_bf16"))
+    z2 = memory.DSSetup.from_json(ds_config.load_ds_config("zero2_bf16"))
     assert (z2.stage, z2.precision, z2.overlap_comm, z2.reduce_bucket_size) == (2, "bf16", True, 200_000_000)
     assert memory.bucket_bytes(z2, 10**9) == 2 * 200_000_000 * 2          # two bf16 buffers with overlap_comm
-    z1 = memory.DSSetup.from_json(engine.load_ds_config("zero1_bf16"))
+    z1 = memory.DSSetup.from_json(ds_config.load_ds_config("zero1_bf16"))
     assert memory.bucket_bytes(z1, 10**9) == 200_000_000 * 2               # overlap_comm off: one buffer
-    assert memory.bucket_bytes(memory.DSSetup.from_json(engine.load_ds_config("zero0_bf16")), 10**9) == 0
-    assert memory.DSSetup.from_json(engine.load_ds_config("zero2_offload_bf16")).offload_optimizer
+    assert memory.bucket_bytes(memory.DSSetup.from_json(ds_config.load_ds_config("zero0_bf16")), 10**9) == 0
+    assert memory.DSSetup.from_json(ds_config.load_ds_config("zero2_offload_bf16")).offload_optimizer
 
 
 def test_activations_gpt2_by_hand():
@@ -87,20 +87,22 @@ def test_parameter_counts_are_the_published_ones():
 
 
 def test_gpt2_medium_fits_micro_batch_8_on_two_24gb_cards():
-    est = memory.estimate("gpt2-medium", engine.load_ds_config("zero2_bf16"), gpus=2, micro_batch=8, seq_len=1024,
+    est = memory.estimate("gpt2-medium", ds_config.load_ds_config("zero2_bf16"), gpus=2, micro_batch=8, seq_len=1024,
                           gpu_memory_gb=24)
     assert est.fits and est.max_micro_batch >= 8 and est.total_gb < 24
-    more = memory.estimate("gpt2-medium", engine.load_ds_config("zero2_bf16"), gpus=2, micro_batch=est.max_micro_batch + 1,
+    more = memory.estimate("gpt2-medium", ds_config.load_ds_config("zero2_bf16"), gpus=2,
+                           micro_batch=est.max_micro_batch + 1,
                            seq_len=1024, gpu_memory_gb=24)
     assert not more.fits
-    ckpt = memory.estimate("gpt2-medium", engine.load_ds_config("zero2_bf16"), gpus=2, micro_batch=8, seq_len=1024,
+    ckpt = memory.estimate("gpt2-medium", ds_config.load_ds_config("zero2_bf16"), gpus=2, micro_batch=8, seq_len=1024,
                            activation_checkpointing=True, gpu_memory_gb=24)
     assert ckpt.max_micro_batch > est.max_micro_batch and ckpt.total_gb < est.total_gb
 
 
 def test_zero_stages_order_and_recommendation_table():
-    cfgs = {n: engine.load_ds_config(n) for n in ("zero0_bf16", "zero1_bf16", "zero2_bf16")}
-    totals = {n: memory.estimate("gpt2-large", c, gpus=2, micro_batch=1, seq_len=1024).optimizer_gb for n, c in cfgs.items()}
+    cfgs = {n: ds_config.load_ds_config(n) for n in ("zero0_bf16", "zero1_bf16", "zero2_bf16")}
+    totals = {n: memory.estimate("gpt2-large", c, gpus=2, micro_batch=1, seq_len=1024).optimizer_gb
+              for n, c in cfgs.items()}
     assert totals["zero0_bf16"] == pytest.approx(2 * totals["zero2_bf16"], rel=1e-3)
     rows = {(r["model"], r["gpus"], r["gpu_memory_gb"]): r for r in memory.table()}
     assert rows[("gpt2-medium", 2, 24.0)]["micro_batch"] >= 8

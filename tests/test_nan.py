@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_faults import _remove_shm_buffers, logged, pretrain_args, run
+from helpers import TINY_ARGS, run_cli, training_records
 from trainer import checkpoint, recovery
 from trainer.errors import UserError
 from trainer.state import TrainState
 
 POISON = 255
-GLOBAL_BATCH, SEQ, SEED = 8, 64, 7  # as in tests/test_faults.ARGS
-NAN_ARGS = ["--max-steps", "10", "--set", "tie_embeddings=false"]
+GLOBAL_BATCH, SEQ, SEED = 8, 64, 7  # as in ARGS
+ARGS = [*TINY_ARGS, "--global-batch", str(GLOBAL_BATCH), "--max-steps", "10", "--set", "tie_embeddings=false",
+        "--no-tracking", "--ds-config", "zero2_fp32"]
+
+
+def pretrain(data, out, *extra, check=True):
+    return run_cli(["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra], ranks=2, check=check)
 
 
 def poisoned(data_dir, out, steps) -> tuple:
@@ -59,7 +64,7 @@ def poisoned(data_dir, out, steps) -> tuple:
 
 
 def cosine_lr(step, max_lr=3e-3, min_lr=3e-4, warmup=2, total=10):
-    """The schedule of tests/test_faults.ARGS with --max-steps 10, written out independently of trainer/optim.py."""
+    """The schedule of ARGS, written out independently of trainer/optim.py."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
@@ -72,10 +77,10 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(data, tmp_path):
     dataset, model = poisoned(data, tmp_path, steps=[5, 6])
     run_dir = tmp_path / "run"
-    proc = run(pretrain_args(dataset, run_dir, *NAN_ARGS, "--init-from", str(model), "--max-skips", "2",
-                             "--save-every", "1", "--keep-last", "0", "--json"))
+    proc = pretrain(dataset, run_dir, "--init-from", str(model), "--max-skips", "2", "--save-every", "1",
+                    "--keep-last", "0", "--json")
     result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
-    records = logged(run_dir)
+    records = training_records(run_dir)
     steps = [r["step"] for r in records]
     assert steps == [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10]  # step 6 ran again after the rollback
     bad = records[4:6]
@@ -100,8 +105,8 @@ def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(
 def test_rollbacks_are_bounded(data, tmp_path):
     dataset, model = poisoned(data, tmp_path, steps=range(5, 14))
     run_dir = tmp_path / "run"
-    proc = run(pretrain_args(dataset, run_dir, *NAN_ARGS, "--init-from", str(model), "--max-skips", "2",
-                             "--max-rollbacks", "2", "--save-every", "2"), check=False)
+    proc = pretrain(dataset, run_dir, "--init-from", str(model), "--max-skips", "2", "--max-rollbacks", "2",
+                    "--save-every", "2", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert errors and "after 2 rollback(s) (limit --max-rollbacks 2)" in errors[0]

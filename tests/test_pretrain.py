@@ -12,55 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO, TINY_ARGS, events, launch_env, metrics, run_cli, training_records
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.pretrain import plan_batches
 
-REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_loss.json"
-TINY = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
-        "--min-lr", "3e-4", "--eval-every", "0", "--eval-batches", "2", "--log-every", "1", "--save-every", "0",
-        "--seed", "7"]
-
-
-def free_port() -> str:
-    from trainer.dist import free_port as port
-
-    return str(port())
-
-
-def run_cli(args, launcher=("python", "-m"), env=None, timeout=600):
-    """Run `trainer.cli` under a launcher; returns the completed process (check=True)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("RANK", None), full_env.pop("WORLD_SIZE", None)
-    if launcher[0] == "python":
-        cmd = [sys.executable, "-m", "trainer.cli", *args]
-    elif launcher[0] == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launcher[1]),
-               "--master_port", free_port(), "--module", "trainer.cli", *args]
-    else:  # torchrun
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "trainer.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+TINY = [*TINY_ARGS, "--eval-batches", "2", "--save-every", "0"]
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from trainer.convert import convert
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
-    return out
+    return [r["loss"] for r in training_records(run_dir)]
 
 
 # ---- batch arithmetic ---------------------------------------------------------------------------
@@ -87,9 +49,9 @@ def test_seq_len_longer_than_block_size_is_refused():
 
 # ---- real runs ------------------------------------------------------------------------------------
 
-def test_single_process_run_writes_metrics_tensorboard_and_checkpoint(tiny_data, tmp_path):
+def test_single_process_run_writes_metrics_tensorboard_and_checkpoint(data, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "8",
+    proc = run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "8",
                     "--eval-every", "4", "--ds-config", "zero2_fp32", "--json"])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 8 and result["val_loss"] is not None
@@ -106,10 +68,10 @@ def test_single_process_run_writes_metrics_tensorboard_and_checkpoint(tiny_data,
     assert "eval-ppl --model-path" in proc.stdout  # tells the user what to do next
 
 
-def test_two_ranks_zero2_bf16_loss_decreases_and_matches_golden(tiny_data, tmp_path):
+def test_two_ranks_zero2_bf16_loss_decreases_and_matches_golden(data, tmp_path):
     run = tmp_path / "run"
-    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "10",
-             "--ds-config", "zero2_bf16", "--global-batch", "8"], launcher=("deepspeed", 2))
+    run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "10",
+             "--ds-config", "zero2_bf16", "--global-batch", "8"], ranks=2)
     curve = losses(run)
     assert len(curve) == 10 and all(math.isfinite(x) for x in curve)
     assert curve[-1] < curve[0] - 0.5, curve
@@ -122,12 +84,12 @@ def test_two_ranks_zero2_bf16_loss_decreases_and_matches_golden(tiny_data, tmp_p
 
 
 @pytest.mark.slow
-def test_zero_stages_give_the_same_curve(tiny_data, tmp_path):
+def test_zero_stages_give_the_same_curve(data, tmp_path):
     curves = {}
     for stage in (0, 1, 2):
         run = tmp_path / f"zero{stage}"
-        run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "5",
-                 "--ds-config", f"zero{stage}_bf16", "--global-batch", "8", "--tracking"], launcher=("deepspeed", 2))
+        run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "5",
+                 "--ds-config", f"zero{stage}_bf16", "--global-batch", "8", "--tracking"], ranks=2)
         curves[stage] = losses(run)
     assert curves[1] == pytest.approx(curves[2], abs=1e-3), curves
     # ZeRO-0 with bf16 runs DeepSpeed's FP16_Optimizer in bf16 mode, whose Adam sees loss-scaled
@@ -135,7 +97,7 @@ def test_zero_stages_give_the_same_curve(tiny_data, tmp_path):
     assert curves[0] == pytest.approx(curves[2], abs=0.1), curves
 
 
-def test_zero2_matches_a_plain_pytorch_reference(tiny_data, tmp_path):
+def test_zero2_matches_a_plain_pytorch_reference(data, tmp_path):
     """The whole step (data order, loss, warmup, clipping, weight-decay groups, fp32 master AdamW on a
     bf16 model) agrees with a few lines of plain PyTorch doing the same thing."""
     import torch
@@ -145,11 +107,11 @@ def test_zero2_matches_a_plain_pytorch_reference(tiny_data, tmp_path):
     from trainer.optim import param_groups
 
     run = tmp_path / "run"
-    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "3", "--warmup-steps",
+    run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "3", "--warmup-steps",
              "0", "--schedule", "constant", "--ds-config", "zero2_bf16"])
     records = [r for r in metrics(run) if "loss" in r]
 
-    dataset = Dataset.open(tiny_data)
+    dataset = Dataset.open(data)
     torch.manual_seed(7)
     model = models.GPT(models.get_config("tiny", vocab_size=dataset.vocab_size, padded_vocab_size=320)).bfloat16()
     master = [p.detach().float().clone() for p in model.parameters()]
@@ -175,13 +137,13 @@ def test_zero2_matches_a_plain_pytorch_reference(tiny_data, tmp_path):
                 p.copy_(m)
 
 
-def test_zero3_trains_like_zero2(tiny_data, tmp_path):
+def test_zero3_trains_like_zero2(data, tmp_path):
     """ZeRO-3 gathers a module's parameters around its forward: the loss is computed inside the LM head's
     forward (models/layers.py), so the tied head weight is whole there and in backward."""
     runs = {}
     for ds in ("zero2_bf16", "zero3_bf16"):
         runs[ds] = tmp_path / ds
-        run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(runs[ds]), "--max-steps", "4",
+        run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(runs[ds]), "--max-steps", "4",
                  "--ds-config", ds, "--eval-every", "4"])
     z2, z3 = (metrics(runs[ds]) for ds in ("zero2_bf16", "zero3_bf16"))
     assert [r["loss"] for r in z3 if "loss" in r] == pytest.approx([r["loss"] for r in z2 if "loss" in r], abs=2e-3)
@@ -190,24 +152,26 @@ def test_zero3_trains_like_zero2(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager(tiny_data, tmp_path):
+def test_compile_trains_like_eager(data, tmp_path):
     """--compile (torch.compile through DeepSpeed's hook) runs the same model and loss, chunked loss included."""
     runs = {}
     for mode in ("--no-compile", "--compile"):
         runs[mode] = tmp_path / mode.strip("-")
-        run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(runs[mode]), "--max-steps", "3",
+        run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(runs[mode]), "--max-steps", "3",
                  "--ds-config", "zero2_fp32", mode])
     assert losses(runs["--compile"]) == pytest.approx(losses(runs["--no-compile"]), abs=1e-4)
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_of_one_rank(tiny_data, tmp_path):
+def test_torchrun_two_nodes_of_one_rank(data, tmp_path):
     run = tmp_path / "run"
-    port = free_port()
+    from trainer.dist import free_port
+
+    port = str(free_port())
     common = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]
-    args = ["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "4",
+    args = ["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "4",
             "--ds-config", "zero2_fp32", "--global-batch", "8"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, "--node_rank", str(node),
                                "-m", "trainer.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
@@ -216,13 +180,13 @@ def test_torchrun_two_nodes_of_one_rank(tiny_data, tmp_path):
     assert len(losses(run)) == 4
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     import signal
     import time
 
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pretrain", *TINY, "--data", str(tiny_data),
+    env = launch_env()
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pretrain", *TINY, "--data", str(data),
                              "--out", str(run), "--max-steps", "100000", "--ds-config", "zero2_fp32", "--json"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -237,30 +201,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
     assert latest == f"step_{result['step']:07d}" and (run / "checkpoints" / latest / "COMPLETE").is_file()
 
 
-def test_zero3_on_two_ranks_evaluates_an_odd_number_of_batches_and_examples(tiny_data, tmp_path):
+def test_zero3_on_two_ranks_evaluates_an_odd_number_of_batches_and_examples(data, tmp_path):
     """Every rank runs the same number of forwards in evaluation: under ZeRO-3 each forward gathers the
     parameters collectively, and one validation batch (or 5 HellaSwag examples) on 2 ranks used to leave
     one rank waiting for a forward the other never ran (a hang after training)."""
     run = tmp_path / "run"
-    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "2",
+    run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "2",
              "--ds-config", "zero3_bf16", "--global-batch", "8", "--set", "n_embd=256", "--eval-every", "2",
              "--eval-batches", "1", "--hellaswag-every", "2",
              "--hellaswag-jsonl", str(REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl")],
-            launcher=("deepspeed", 2), timeout=240)
+            ranks=2, timeout=240)
     records = metrics(run)
     assert [r["step"] for r in records if "val_loss" in r] == [2]
     assert [r["hellaswag_n"] for r in records if "hellaswag_n" in r] == [5]
 
 
-def test_throughput_counts_training_time_only(tiny_data, tmp_path):
+def test_throughput_counts_training_time_only(data, tmp_path):
     """Evaluation and saves are timed on their own records; tokens/s right after them is not diluted
     (it read 4x lower right after an evaluation than right before)."""
     run = tmp_path / "run"
-    run_cli(["pretrain", *TINY, "--data", str(tiny_data), "--out", str(run), "--max-steps", "12",
+    run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "12",
              "--ds-config", "zero2_fp32", "--eval-every", "3", "--eval-batches", "60", "--save-every", "3"])
     records = metrics(run)
     evals = [r for r in records if "val_loss" in r]
-    saves = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if '"save"' in line]
+    saves = [e for e in events(run) if e["event"] == "save"]
     steps = {r["step"]: r for r in records if "loss" in r}
     assert [r["step"] for r in evals] == [3, 6, 9, 12] and [r["step"] for r in saves] == [3, 6, 9, 12]
     step_seconds = 8 * 64 / sorted(r["tokens_per_s"] for r in steps.values())[len(steps) // 2]

@@ -10,15 +10,12 @@ import once instead of per run.
 """
 import json
 import math
-import os
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import drive, metrics, run_cli
 from trainer.config import parse_duration, resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,57 +146,6 @@ def test_readme_documents_every_recipe():
 
 # ---- end to end: one process runs every job ------------------------------------------------------
 
-def _drive(jobs_file: str, results_file: str) -> None:
-    """Run the jobs of `jobs_file` in this process; write {name: {...}} to `results_file`.
-
-    Hub downloads are replaced at the boundary: `datasets.load_dataset` returns the pydoc corpus as
-    records with a `text` field and remembers what was asked for. Everything after it (tokenizing,
-    sharding, pretraining) is the real code path.
-    """
-    from unittest import mock
-
-    import datasets
-    from click.testing import CliRunner
-
-    import tools.convert_shards
-    from trainer import pretrain
-    from trainer.cli import cli
-
-    asked = []
-
-    def load_dataset(name, config=None, split=None, streaming=False, **kwargs):
-        from pydoc_data.topics import topics
-
-        asked.append([name, config, split, streaming])
-        return ({"text": topics[key]} for key in sorted(topics))
-
-    real_run = pretrain.run
-    results = {}
-    for job in json.loads(Path(jobs_file).read_text()):
-        entry = results.setdefault(job["name"], {})
-        try:
-            if job.get("convert"):
-                asked.clear()
-                with mock.patch.object(datasets, "load_dataset", load_dataset):
-                    out = CliRunner().invoke(tools.convert_shards.main, job["convert"], catch_exceptions=False)
-                assert out.exit_code == 0, out.output
-                entry["hub"] = list(asked)
-            captured = {}
-
-            def run(cfg, json_output=False):
-                captured["config"] = cfg.to_dict()
-                started = time.time()
-                captured["result"] = real_run(cfg, json_output)
-                captured["seconds"] = time.time() - started
-
-            with mock.patch.object(pretrain, "run", run):
-                cli.main(["pretrain", *job["pretrain"]], standalone_mode=False)
-            entry.update(captured)
-        except BaseException as e:  # recorded for the test that owns the job; the other jobs still run
-            entry["error"] = f"{type(e).__name__}: {e}"
-    Path(results_file).write_text(json.dumps(results, default=str))
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """~40k byte tokens: an epoch is a handful of steps."""
@@ -260,30 +206,11 @@ def runs(tmp_path_factory, small_data):
     return drive(jobs, root), root
 
 
-def drive(jobs: list[dict], root: Path) -> dict:
-    """Run `jobs` with `_drive` in one fresh Python process (a plain single-rank launch); returns its results."""
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.test_recipes import _drive; " \
-           f"_drive({str(root / 'jobs.json')!r}, {str(root / 'results.json')!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode != 0 or not (root / "results.json").is_file():
-        raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads((root / "results.json").read_text())
-
-
 def job(runs, name: str) -> dict:
     results, _ = runs
     entry = results[name]
     assert "error" not in entry, entry["error"]
     return entry
-
-
-def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("stem", sorted(RECIPES))
@@ -302,14 +229,14 @@ def test_recipe_runs_end_to_end_at_tiny_size(runs, stem):
         if key not in ("seq_len", "global_batch", "global_batch_tokens", "max_steps", "ds_config"):
             assert same(cfg[key], value), key
     run_dir = Path(result["run_dir"])
-    arch = models.ModelConfig(**json.loads((run_dir / "model_config.json").read_text()))
+    arch = models.ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     for key, value in want["arch"].items():
         if key not in ("n_layer", "n_embd"):
             assert getattr(arch, key) == value, key
     assert (arch.n_layer, arch.n_embd, arch.vocab_size, arch.padded_vocab_size) == (2, 128, 50257, 50304)
     # 3 steps, finite falling-or-not losses, a val loss, a complete final checkpoint.
     assert result["step"] == 3 and result["stopped"] == "finished"
-    losses = [r["loss"] for r in records(run_dir) if "loss" in r]
+    losses = [r["loss"] for r in metrics(run_dir) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[0] == pytest.approx(math.log(50257), abs=1.0)  # a fresh model guesses uniformly
     assert math.isfinite(result["val_loss"])
@@ -321,7 +248,7 @@ def test_periodic_hellaswag_is_logged_like_val_loss(runs):
     from trainer.tokenizer import get_tokenizer
 
     entry = job(runs, "gpt2-fineweb-edu-10b")
-    logged = [r for r in records(entry["result"]["run_dir"]) if "hellaswag_acc" in r]
+    logged = [r for r in metrics(entry["result"]["run_dir"]) if "hellaswag_acc" in r]
     assert [r["step"] for r in logged] == [2, 3]  # every 2 steps, and the last step
     assert all(r["hellaswag_n"] == 5 and 0 <= r["hellaswag_acc_norm"] <= 1 for r in logged)
     # The final record equals scoring the saved model with eval-hellaswag's function.
@@ -338,7 +265,7 @@ def test_epochs_resolve_to_steps_from_the_token_count(runs, small_data):
     steps = math.ceil(1.5 * windows / 32)
     assert entry["result"]["step"] == steps and entry["result"]["stopped"] == "finished"
     assert entry["result"]["tokens"] == steps * 32 * 64 >= 1.5 * windows * 64
-    assert [r["step"] for r in records(entry["result"]["run_dir"]) if "loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in metrics(entry["result"]["run_dir"]) if "loss" in r] == list(range(1, steps + 1))
 
 
 def test_max_time_saves_and_stops_before_the_run_ends(runs):
@@ -359,7 +286,7 @@ def test_max_time_saves_and_stops_before_the_run_ends(runs):
 def test_no_tracking_turns_off_tensorboard_and_wandb(runs):
     run_dir = Path(job(runs, "no-tracking")["result"]["run_dir"])
     assert not (run_dir / "tb").exists() and not (run_dir / "wandb").exists()
-    assert [r["step"] for r in records(run_dir)] == [1, 2]  # metrics.jsonl stays: plot and resume read it
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]  # metrics.jsonl stays: plot and resume read it
 
 
 def test_wandb_offline_logs_beside_tensorboard(runs):
@@ -378,16 +305,14 @@ def test_wandb_offline_logs_beside_tensorboard(runs):
 def test_two_gpu_recipe_as_published_on_two_ranks(small_data, tmp_path):
     """The 2 x 24 GB recipe with its own launch line and DeepSpeed config (2 ranks, ZeRO-2 bf16,
     activation checkpointing), tiny size: bf16 is slow on CPUs without native bf16, hence slow."""
-    from tests.test_pretrain import run_cli
-
     stem = "gpt2-medium-fineweb-edu-2x24gb"
     launch = comment_command(stem, "Launch")
     gpus = int(option(launch, "--num_gpus"))
     out = tmp_path / "run"
     run_cli(["pretrain", "--config", f"configs/{stem}.yaml", *TINY_SIZE, "--seq-len", "64", "--micro-batch", "2",
              "--global-batch", "8", "--max-steps", "3", "--log-every", "1", "--eval-every", "3", "--eval-batches", "2",
-             "--data", str(small_data), "--out", str(out)], launcher=("deepspeed", gpus))
-    losses = [r["loss"] for r in records(out) if "loss" in r]
+             "--data", str(small_data), "--out", str(out)], ranks=gpus)
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     config = (out / "config.yaml").read_text()
     assert "ds_config: zero2_bf16" in config and "activation_checkpointing: true" in config

@@ -9,58 +9,28 @@ that builds the engine the way pretrain does and dumps DeepSpeed's full fp32 vie
 """
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import TINY_ARGS, events, run_cli, training_records
+
 STEPS = 6
-ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
-        "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7", "--global-batch", "8",
-        "--max-steps", str(STEPS), "--save-every", "3", "--keep-last", "0", "--no-tracking"]
-
-
-def _env():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def launch(args, ranks=1, script=None, check=True):
-    """`trainer.cli` (or a script) on 1 rank with plain python or on N ranks with the deepspeed launcher."""
-    from trainer.dist import free_port
-
-    target = [script] if script else ["-m", "trainer.cli"]
-    if ranks == 1:
-        cmd = [sys.executable, *target, *args]
-    else:
-        module = [script] if script else ["--module", "trainer.cli"]
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), *module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
+ARGS = [*TINY_ARGS, "--global-batch", "8", "--max-steps", str(STEPS), "--save-every", "3", "--keep-last", "0",
+        "--no-tracking"]
 
 
 def pretrain(data, out, ds_config, ranks, *extra, check=True):
-    return launch(["pretrain", *ARGS, "--data", str(data), "--out", str(out), "--ds-config", ds_config, *extra],
-                  ranks=ranks, check=check)
+    return run_cli(["pretrain", *ARGS, "--data", str(data), "--out", str(out), "--ds-config", ds_config, *extra],
+                   ranks=ranks, check=check, timeout=900)
 
 
 def records(run: Path) -> list[dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r  # a resumed run appends; the last record of a step wins
-    return [out[s] for s in sorted(out)]
+    """One training record per step (a resumed run appends; the last record of a step wins)."""
+    last = {r["step"]: r for r in training_records(run)}
+    return [last[s] for s in sorted(last)]
 
 
 def curve(run: Path, key: str) -> list:
@@ -116,8 +86,7 @@ def test_changed_optimizer_settings_take_effect_on_resume(data, tmp_path):
     assert ("resuming with changed settings, in effect from step 4: lr 0.003 -> 0.001; min-lr 0.0003 -> 0.0001; "
             "beta2 0.95 -> 0.99; eps 1e-08 -> 1e-06; weight-decay 0.1 -> 0.05; run length 6 -> 8 steps (the LR "
             "schedule now ends at step 8)") in proc.stdout
-    starts = [e["hyperparameters"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
-              if e["event"] == "start"]
+    starts = [e["hyperparameters"] for e in events(run) if e["event"] == "start"]
     decay, no_decay = starts[1]["decay"], starts[1]["no_decay"]  # read from the optimizer DeepSpeed steps with
     assert (decay["betas"], decay["eps"], decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.05)
     assert (no_decay["betas"], no_decay["eps"], no_decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.0)
@@ -137,6 +106,7 @@ PROBE = textwrap.dedent('''
 
     import models
     from trainer import checkpoint, dist, engine as ds_engine
+    from trainer.ds_config import build_ds_config, load_ds_config
     from trainer.config import TrainConfig
     from trainer.optim import param_groups
 
@@ -146,12 +116,12 @@ PROBE = textwrap.dedent('''
     client = torch.load(checkpoint.model_states_file(ckpt), map_location="cpu", weights_only=False)
     cfg, world = TrainConfig(**client["train_config"]), dist.world_size()
     accum = client["global_batch"] // (cfg.micro_batch * world)
-    ds = ds_engine.build_ds_config(ds_engine.load_ds_config(ds_spec), micro_batch=cfg.micro_batch, grad_accum=accum,
+    ds = build_ds_config(load_ds_config(ds_spec), micro_batch=cfg.micro_batch, grad_accum=accum,
                                    world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                    eps=cfg.eps, weight_decay=cfg.weight_decay)
     load_path, ds = checkpoint.prepare_resume(ckpt, world, ds, client["global_batch"])
     torch.manual_seed(12345)  # different init: everything must come from the checkpoint
-    model = models.GPT(models.ModelConfig(**client["model_config"]))
+    model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))
     engine = ds_engine.initialize(model, param_groups(model, cfg.weight_decay), ds)
     loaded = checkpoint.load(engine, ckpt, load_path)
     # DeepSpeed links the per-parameter views of the Adam state lazily, at the first step; link them now.
@@ -170,7 +140,7 @@ def probe(ckpt: Path, ds_config: str, ranks: int, tmp_path: Path) -> dict:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     out = tmp_path / f"probe_{ckpt.name}_{ds_config}_{ranks}.pt"
-    launch([str(ckpt), ds_config, str(out)], ranks=ranks, script=str(script))
+    run_cli([str(ckpt), ds_config, str(out)], ranks=ranks, script=script, timeout=900)
     return torch.load(out, weights_only=False)
 
 
@@ -197,7 +167,8 @@ def test_zero2_two_ranks_to_zero1_one_rank_and_back(data, reference, tmp_path):
     assert curve(run, "lr") == curve(reference, "lr")
     assert curve(run, "loss") == pytest.approx(curve(reference, "loss"), abs=1e-2)
     assert curve(run, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=1e-2)
-    print("loss max diff vs uninterrupted:", max(abs(a - b) for a, b in zip(curve(run, "loss"), curve(reference, "loss"))))
+    diffs = [abs(a - b) for a, b in zip(curve(run, "loss"), curve(reference, "loss"))]
+    print("loss max diff vs uninterrupted:", max(diffs))
 
     # Params and Adam moments after each conversion equal those of a native load of the same checkpoint.
     ckpts = run / "checkpoints"

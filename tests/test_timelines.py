@@ -15,11 +15,6 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(workdir):
-    return timelines.make_data(workdir)
-
-
-@pytest.fixture(scope="module")
 def reference(data, workdir):
     return timelines.make_reference(data, workdir)
 

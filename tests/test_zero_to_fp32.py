@@ -6,33 +6,22 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import models
+from helpers import REPO, run_cli
 from tools import zero_to_fp32
 
-REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0",
         "--log-every", "1", "--seed", "7", "--global-batch", "8", "--max-steps", "4", "--save-every", "2",
         "--keep-last", "0", "--no-tracking"]
 
 
 def pretrain(data, out, ranks, *extra):
-    from trainer.dist import free_port
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    args = ["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra]
-    cmd = [sys.executable, "-m", "trainer.cli", *args] if ranks == 1 else [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-        "--module", "trainer.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_cli(["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra], ranks=ranks, timeout=900)
     return out
 
 
@@ -170,7 +159,8 @@ def test_gpt25_exports_to_llama_with_matching_logits(data, tmp_path):
     print("llama export logits max abs diff:", summary["logits_max_abs_diff"])
     from transformers import AutoConfig, AutoTokenizer
 
-    config, tokenizer = AutoConfig.from_pretrained(str(tmp_path / "hf")), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    config = AutoConfig.from_pretrained(str(tmp_path / "hf"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert config.bos_token_id == config.eos_token_id == tokenizer.bos_token_id == tokenizer.eos_token_id == 256
     assert tokenizer.model_max_length == config.max_position_embeddings == 64
 
@@ -183,7 +173,8 @@ def test_zero0_bf16_exports_the_fp32_master_weights(data, tmp_path):
     run = pretrain(data, tmp_path / "run0", 1, "--model", "tiny", "--ds-config", "zero0_bf16")
     assert tool(run, tmp_path / "out").exit_code == 0
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
-    module = torch.load(run / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    states = run / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt"
+    module = torch.load(states, weights_only=False)["module"]
     assert all(torch.equal(written[k].bfloat16(), module[k]) for k in written)  # the masters round to the weights
     assert any(not torch.equal(written[k], module[k].float()) for k in written)  # and carry more than bf16
     model = models.load(tmp_path / "out")

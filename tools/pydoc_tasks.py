@@ -1,7 +1,8 @@
 """Small lm-evaluation-harness tasks over Python's pydoc corpus, offline: jsonl files + task YAMLs.
 
     python tools/pydoc_tasks.py --out tasks/pydoc
-    python -m trainer.cli eval-harness --model-path runs/demo --tasks pydoc_choice,pydoc_rolling --include-path tasks/pydoc
+    python -m trainer.cli eval-harness --model-path runs/demo --tasks pydoc_choice,pydoc_rolling \
+        --include-path tasks/pydoc
 
 Three tasks, one per kind of lm-eval request: `pydoc_choice` (multiple choice, acc / acc_norm: which of
 four 30-character pieces continues a paragraph), `pydoc_rolling` (loglikelihood_rolling: word and byte

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import click
 
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 from trainer.sources import SPEC_HELP, iter_documents
 from trainer.tokenizer import ENDOFTEXT, get_tokenizer
 
@@ -58,7 +58,7 @@ def train(source: str, kind: str, vocab_size: int, out, text_field: str = "text"
     try:
         spec = trainer(documents, vocab_size, Path(out))
     except RuntimeError as e:  # sentencepiece reports e.g. a vocabulary too large for the text
-        raise UserError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}")
+        raise UserError(f"tokenizer training failed: {describe(e)}")
     get_tokenizer.cache_clear()
     get_tokenizer(spec)  # prove the spec loads
     return spec

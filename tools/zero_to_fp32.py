@@ -33,8 +33,7 @@ LOGITS_ATOL = 1e-4  # fp32 both sides; differences are summation order only (mea
 def build_model(state: dict, client: dict, ckpt: Path) -> "models.GPT":
     if "model_config" not in client:
         raise UserError(f"{ckpt} carries no model_config in its client_state: it was not written by this trainer")
-    config = models.ModelConfig(**client["model_config"])
-    config.activation_checkpointing = False
+    config = models.ModelConfig.from_dict(client["model_config"])
     with torch.device("meta"):
         model = models.GPT(config)
     try:
@@ -48,7 +47,19 @@ def build_model(state: dict, client: dict, ckpt: Path) -> "models.GPT":
 
 
 def export(path, out_dir, tag: Optional[str] = None, hf: bool = False, log=print) -> dict:
-    """Consolidate a checkpoint (run dir, checkpoint dir or tag) into `out_dir`; returns a summary dict."""
+    """Consolidate a checkpoint into `out_dir`.
+
+    Args:
+        path: a run directory (its newest complete, sound checkpoint), a checkpoints/ dir or a checkpoint dir.
+        out_dir: where model.safetensors + config.json (or, with `hf`, a transformers model dir) and the
+            tokenizer files go.
+        tag: a checkpoint of the run by name (step_0000100) or step number (100).
+        hf: write a Hugging Face model directory and check its logits against ours.
+        log: where progress lines go.
+
+    Returns:
+        {checkpoint, out, step, hf, params, tokenizer, tokenizer_files, ...}.
+    """
     ckpt = checkpoint.resolve_checkpoint(path, tag)
     marker = checkpoint.check_shards(ckpt)
     log(f"consolidating {ckpt}" + (f" (ZeRO-{marker['zero_stage']} on {marker['world_size']} ranks)" if marker else ""))
@@ -95,7 +106,8 @@ def _export_hf(model, out: Path, eot_id: Optional[int], log) -> dict:
     # Check the files on disk, as a user will load them, against our model on a fixed sample.
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     config = model.config
-    idx = torch.randint(0, config.vocab_size, (2, min(config.block_size, 32)), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, config.vocab_size, (2, min(config.block_size, 32)),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx).float()
         theirs = reloaded(idx).logits.float()

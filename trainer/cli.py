@@ -4,9 +4,13 @@ Each command only parses options, builds the typed config of its module and call
 `run`. Launchers work unchanged: the deepspeed launcher inserts `--local_rank=N` before the
 subcommand, which the group accepts (hidden) and exports as LOCAL_RANK.
 """
+import dataclasses
 import os
 
 import click
+
+from trainer.config import DEMO_DEFAULTS, TrainConfig
+from trainer.optim import SCHEDULES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,53 +34,100 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
+def _default(name: str) -> str:
+    """` [default: X]` from TrainConfig itself (and the demo's value when the demo sets its own)."""
+    value = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    demo = DEMO_DEFAULTS.get(name)
+    return f" [default: {shown}" + (f"; the demo: {demo}" if demo not in (None, value) else "") + "]"
+
+
+def training_options(command):
+    """The run options of `pretrain` (TrainConfig fields; a flag overrides the --config YAML)."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML run config; flags override it."),
+        click.option("--model", help="Model preset (gpt2, gpt2-medium, gpt25, tiny, ...)." + _default("model")),
+        click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+                     help="Override a model config field (repeatable)."),
+        click.option("--data", type=click.Path(),
+                     help="Dataset dir from tools/convert_shards.py. [default: the pydoc demo data]"),
+        click.option("--tokenizer", help="Tokenizer for the demo data only (gpt2, bytes, hf:PATH, sp:PATH)."),
+        click.option("--out", help="Run directory." + _default("out")),
+        click.option("--ds-config",
+                     help="DeepSpeed JSON (path or name in ds_configs/), or auto." + _default("ds_config")),
+        click.option("--init-from", help="Start from a consolidated model dir, HF model dir or hub name."),
+        click.option("--seq-len", type=int, help="Sequence length. [default: the model's block_size; the demo: 256]"),
+        click.option("--micro-batch", type=int, help="Sequences per rank per forward pass." + _default("micro_batch")),
+        click.option("--grad-accum", type=int,
+                     help="Micro-batches per optimizer step. [default: from the global batch, else 1]"),
+        click.option("--global-batch", type=int, help="Sequences per optimizer step over all ranks."),
+        click.option("--global-batch-tokens", type=int, help="Tokens per optimizer step over all ranks."),
+        click.option("--max-steps", type=int, help="Stop after this many optimizer steps."),
+        click.option("--max-tokens", type=int, help="Stop after this many training tokens."),
+        click.option("--epochs", type=float, help="Stop after this many passes over the training shards. [default: 1]"),
+        click.option("--max-time", help="Wall-clock budget, e.g. 24h or 90m: save and stop before it ends."),
+        click.option("--stop-after-steps", type=click.IntRange(min=1),
+                     help="Pause: save and exit after N steps of this invocation; the LR schedule still spans "
+                          "the whole run."),
+        click.option("--lr", type=float, help="Peak learning rate." + _default("lr")),
+        click.option("--min-lr", type=float, help="Final learning rate." + _default("min_lr")),
+        click.option("--warmup-steps", type=int, help="Linear warmup steps." + _default("warmup_steps")),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="LR schedule." + _default("schedule")),
+        click.option("--weight-decay", type=float,
+                     help="AdamW weight decay on 2-D weights." + _default("weight_decay")),
+        click.option("--beta1", type=float, help="Adam beta1." + _default("beta1")),
+        click.option("--beta2", type=float, help="Adam beta2." + _default("beta2")),
+        click.option("--eps", type=float, help="Adam epsilon." + _default("eps")),
+        click.option("--grad-clip", type=float,
+                     help="Clip the global gradient norm (0 = off)." + _default("grad_clip")),
+        click.option("--seed", type=int, help="Seed for weights and data order." + _default("seed")),
+        click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+                     help="Recompute block activations in backward to save memory."
+                          + _default("activation_checkpointing")),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the model." + _default("compile")),
+        click.option("--max-skips", type=int,
+                     help="Roll back after this many consecutive non-finite steps." + _default("max_skips")),
+        click.option("--max-rollbacks", type=click.IntRange(min=0),
+                     help="Reload the last checkpoint and skip the bad data at most N times, then stop."
+                          + _default("max_rollbacks")),
+        click.option("--eval-every", type=int,
+                     help="Validation loss every N steps and at the end (0 = never)." + _default("eval_every")),
+        click.option("--eval-batches", type=int, help="Validation batches per evaluation." + _default("eval_batches")),
+        click.option("--save-every", type=int,
+                     help="Checkpoint every N steps (and always at the end)." + _default("save_every")),
+        click.option("--keep-last", type=int,
+                     help="Keep only the newest K complete checkpoints (0 = all)." + _default("keep_last")),
+        click.option("--log-every", type=int, help="Log metrics every N steps." + _default("log_every")),
+        click.option("--resume",
+                     help="auto (newest complete checkpoint in --out), never, or a checkpoint PATH."
+                          + _default("resume")),
+        click.option("--hellaswag-every", type=int, help="Run HellaSwag every N steps (needs --hellaswag-jsonl)."),
+        click.option("--hellaswag-jsonl", type=click.Path(), help="HellaSwag validation jsonl for --hellaswag-every."),
+        click.option("--wandb-project",
+                     help="Also log to Weights & Biases (WANDB_MODE=offline works without network)."),
+        click.option("--tracking/--no-tracking", default=None,
+                     help="TensorBoard / W&B logging." + _default("tracking")),
+        click.option("--json", "json_output", is_flag=True, help="Print the final result as one JSON line."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def resolve_training_config(config_file, set_, compile_, options) -> "TrainConfig":
+    """Defaults < YAML < the flags given."""
+    from trainer import config as train_config
+
+    flags = _given(**options, compile=compile_)
+    if set_:
+        flags["model_overrides"] = train_config.parse_set(set_)
+    return train_config.resolve(config_file, flags)
+
+
 @cli.command(context_settings={"show_default": True})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML run config; flags override it.")
-@click.option("--model", help="Model preset (gpt2, gpt2-medium, gpt25, tiny, ...). [default: gpt2-mini]")
-@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
-@click.option("--data", type=click.Path(), help="Dataset dir from tools/convert_shards.py. [default: the pydoc demo data]")
-@click.option("--tokenizer", help="Tokenizer for the demo data only (gpt2, bytes, hf:PATH, sp:PATH).")
-@click.option("--out", help="Run directory. [default: runs/demo]")
-@click.option("--ds-config", help="DeepSpeed JSON (path or name in ds_configs/), or auto. [default: auto]")
-@click.option("--init-from", help="Start from a consolidated model dir, HF model dir or hub name.")
-@click.option("--seq-len", type=int, help="Sequence length. [default: the model's block_size]")
-@click.option("--micro-batch", type=int, help="Sequences per rank per forward pass. [default: 8]")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: from the global batch, else 1]")
-@click.option("--global-batch", type=int, help="Sequences per optimizer step over all ranks.")
-@click.option("--global-batch-tokens", type=int, help="Tokens per optimizer step over all ranks.")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--max-tokens", type=int, help="Stop after this many training tokens.")
-@click.option("--epochs", type=float, help="Stop after this many passes over the training shards. [default: 1]")
-@click.option("--max-time", help="Wall-clock budget, e.g. 24h or 90m: save and stop before it ends.")
-@click.option("--stop-after-steps", type=click.IntRange(min=1),
-              help="Pause: save and exit after N steps of this invocation; the LR schedule still spans the whole run.")
-@click.option("--lr", type=float, help="Peak learning rate. [default: 6e-4]")
-@click.option("--min-lr", type=float, help="Final learning rate. [default: 6e-5]")
-@click.option("--warmup-steps", type=int, help="Linear warmup steps. [default: 100]")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant", "wsd"]), help="LR schedule. [default: cosine]")
-@click.option("--weight-decay", type=float, help="AdamW weight decay on 2-D weights. [default: 0.1]")
-@click.option("--beta1", type=float, help="Adam beta1. [default: 0.9]")
-@click.option("--beta2", type=float, help="Adam beta2. [default: 0.95]")
-@click.option("--eps", type=float, help="Adam epsilon. [default: 1e-8]")
-@click.option("--grad-clip", type=float, help="Clip the global gradient norm (0 = off). [default: 1.0]")
-@click.option("--seed", type=int, help="Seed for weights and data order. [default: 1337]")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
-              help="Recompute block activations in backward to save memory. [default: off]")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model. [default: off]")
-@click.option("--max-skips", type=int, help="Roll back after this many consecutive non-finite steps. [default: 10]")
-@click.option("--max-rollbacks", type=click.IntRange(min=0),
-              help="Reload the last checkpoint and skip the bad data at most N times, then stop. [default: 3]")
-@click.option("--eval-every", type=int, help="Validation loss every N steps and at the end (0 = never). [default: 250]")
-@click.option("--eval-batches", type=int, help="Validation batches per evaluation. [default: 20]")
-@click.option("--save-every", type=int, help="Checkpoint every N steps (and always at the end). [default: 1000]")
-@click.option("--keep-last", type=int, help="Keep only the newest K complete checkpoints (0 = all). [default: 3]")
-@click.option("--log-every", type=int, help="Log metrics every N steps. [default: 10]")
-@click.option("--resume", help="auto (newest complete checkpoint in --out), never, or a checkpoint PATH. [default: auto]")
-@click.option("--hellaswag-every", type=int, help="Run HellaSwag every N steps (needs --hellaswag-jsonl).")
-@click.option("--hellaswag-jsonl", type=click.Path(), help="HellaSwag validation jsonl for --hellaswag-every.")
-@click.option("--wandb-project", help="Also log to Weights & Biases (WANDB_MODE=offline works without network).")
-@click.option("--tracking/--no-tracking", default=None, help="TensorBoard / W&B logging. [default: on]")
-@click.option("--json", "json_output", is_flag=True, help="Print the final result as one JSON line.")
+@training_options
 def pretrain(config_file, set_, compile_, json_output, **options):
     """Pretrain a GPT-2 / GPT-2.5 model with DeepSpeed.
 
@@ -84,12 +135,7 @@ def pretrain(config_file, set_, compile_, json_output, **options):
     Launch on GPUs with `deepspeed --num_gpus N --module trainer.cli pretrain ...`,
     `torchrun --nproc_per_node N -m trainer.cli pretrain ...`, or plain `python -m trainer.cli pretrain`.
     """
-    from trainer import config as train_config
-
-    flags = _given(**options, compile=compile_)
-    if set_:
-        flags["model_overrides"] = train_config.parse_set(set_)
-    cfg = train_config.resolve(config_file, flags)
+    cfg = resolve_training_config(config_file, set_, compile_, options)
     from trainer import pretrain as pretrain_module  # heavy imports only once the options are valid
 
     pretrain_module.run(cfg, json_output=json_output)
@@ -99,7 +145,8 @@ def pretrain(config_file, set_, compile_, json_output, **options):
 @cli.command("estimate-memory", context_settings={"show_default": True})
 @click.option("--model", default="gpt2-medium", help="Model preset (gpt2, gpt2-medium, gpt25-medium, ...).")
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
-@click.option("--ds-config", default="zero2_bf16", help="DeepSpeed JSON (path or name in ds_configs/): stage, precision, offload, buckets.")
+@click.option("--ds-config", default="zero2_bf16",
+              help="DeepSpeed JSON (path or name in ds_configs/): stage, precision, offload, buckets.")
 @click.option("--gpus", type=int, default=1, help="Data-parallel GPUs (ZeRO partitions over them).")
 @click.option("--micro-batch", type=int, default=8, help="Sequences per GPU per forward pass.")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence. [default: the model's block_size]")
@@ -189,7 +236,8 @@ def eval_hellaswag(**options):
 @click.option("--limit", type=int, help="Score only the first N examples of each task.")
 @click.option("--num-fewshot", type=int, help="Few-shot examples per prompt. [default: each task's own]")
 @click.option("--batch-size", type=int, default=8, help="Requests per forward pass (padded to the longest).")
-@click.option("--include-path", type=click.Path(), help="Directory of your own task YAMLs (e.g. over local jsonl files).")
+@click.option("--include-path", type=click.Path(),
+              help="Directory of your own task YAMLs (e.g. over local jsonl files).")
 @click.option("--max-gen-toks", type=int, default=256, help="Generation length for tasks that do not set one.")
 @click.option("--seed", type=int, default=1234, help="Seed for tasks that sample (do_sample); request i uses seed + i.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),

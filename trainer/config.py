@@ -13,11 +13,12 @@ from typing import Optional
 import yaml
 
 from trainer.errors import UserError
+from trainer.fileio import atomic_write_text
 
 DEMO_MODEL = "gpt2-mini"
 DEMO_OUT = "runs/demo"
-# When no --data is given the run is the offline demo: under a minute on a 2-core CPU with the loss
-# falling clearly. Only options the user did not set take these values.
+# When no --data is given the run is the offline demo: short enough for a laptop CPU, long enough for the
+# loss to fall clearly. Only options the user did not set take these values.
 DEMO_DEFAULTS = dict(max_steps=200, micro_batch=8, seq_len=256, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                      eval_every=50, eval_batches=8, save_every=100, log_every=10)
 
@@ -30,7 +31,7 @@ class TrainConfig:
     data: Optional[str] = None                   # dataset dir (shards + meta.json); None = offline demo data
     tokenizer: Optional[str] = None              # only used to prepare demo data when data is None
     out: str = DEMO_OUT
-    ds_config: str = "auto"                      # auto = zero2_bf16 on GPUs; see engine.auto_ds_config
+    ds_config: str = "auto"                      # auto = zero2_bf16 on GPUs; see ds_config.auto_ds_config
     init_from: Optional[str] = None              # consolidated model dir, HF dir or hub name
     # batch
     seq_len: Optional[int] = None                # default: the model's block_size
@@ -178,7 +179,4 @@ def parse_set(items) -> dict:
 
 def save_yaml(config: TrainConfig, path: Path) -> None:
     """Write the resolved config; `pretrain --config RUN/config.yaml` reproduces the run."""
-    data = config.to_dict()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

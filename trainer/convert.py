@@ -23,6 +23,7 @@ from tqdm import tqdm
 from trainer import sources
 from trainer.data import write_shard
 from trainer.errors import UserError
+from trainer.fileio import atomic_write_text
 from trainer.tokenizer import get_tokenizer
 
 STATE = ".convert_state.json"
@@ -105,9 +106,7 @@ class _Writer:
 
 
 def _write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_000, val_tokens: Optional[int] = None,
@@ -140,7 +139,8 @@ def convert(source: str, tokenizer: str, out_dir, shard_tokens: int = 100_000_00
         state = saved
         for shard in state["shards"]:
             if not (out / shard["name"]).is_file():
-                raise UserError(f"{out / shard['name']} recorded as finished is missing; delete {out} and convert again")
+                raise UserError(f"{out / shard['name']} recorded as finished is missing; delete {out} and "
+                                "convert again")
     for stale in out.glob("*.tmp*"):
         stale.unlink()
 

@@ -12,7 +12,6 @@ is O(1) and independent of the number of ranks.
 """
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from trainer.errors import UserError
+from trainer.fileio import atomic_open
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -43,15 +43,11 @@ def write_shard(path, tokens, vocab_size: Optional[int] = None) -> dict:
     data = tokens.astype(DTYPES[version], copy=False)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, version, len(data))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     digest = hashlib.sha256()
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         for chunk in (header.tobytes(), data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes()):
             f.write(chunk)
             digest.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
     return {"tokens": int(len(data)), "sha256": digest.hexdigest()}
 
 
@@ -213,7 +209,8 @@ class ValStream:
     def count(self, n_batches: int) -> int:
         """How many batches an evaluation of `n_batches` scores (an error if there is none)."""
         if self.num_batches == 0:
-            raise UserError(f"{self.dataset.path} has no validation batch of {self.batch_size} x {self.windows.seq_len + 1}"
+            raise UserError(f"{self.dataset.path} has no validation batch of {self.batch_size} x "
+                            f"{self.windows.seq_len + 1}"
                             " tokens; re-convert with a larger --val-tokens, or pass --eval-every 0")
         return min(n_batches, self.num_batches)
 

@@ -59,14 +59,15 @@ def _devices() -> list[Check]:
 def _bf16() -> Check:
     import torch
 
-    from trainer import engine
 
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return Check("bf16", "ok", "the GPU supports bf16: use the *_bf16 configs")
         return Check("bf16", "warn", "this GPU has no bf16 (pre-Ampere)",
                      "use ds_configs/zero2_fp16.json (loss scaling) instead of the bf16 configs")
-    if engine.cpu_has_native_bf16():
+    from trainer.ds_config import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
         return Check("bf16", "ok", "the CPU has native bf16 (AVX512-BF16/AMX)")
     return Check("bf16", "warn", "the CPU has no native bf16: bf16 matmuls are emulated (~100x slower than fp32)",
                  "on this machine use --ds-config auto (picks zero2_fp32) or ds_configs/zero2_fp32.json")
@@ -88,8 +89,8 @@ def _ops(build: bool) -> list[Check]:
     for name, info in status.items():
         use = fixes.get(name, "")
         if not info["compatible"]:
-            checks.append(Check(f"op {name}", "fail", f"not compatible with this system ({use}) {info['error'] or ''}".strip(),
-                                build_fix + "; `ds_report` shows what is missing"))
+            found = f"not compatible with this system ({use}) {info['error'] or ''}".strip()
+            checks.append(Check(f"op {name}", "fail", found, build_fix + "; `ds_report` shows what is missing"))
         elif info["loaded"] is False:
             checks.append(Check(f"op {name}", "fail", f"failed to build/load ({use}): {info['error']}", build_fix))
         elif info["loaded"]:
@@ -98,7 +99,8 @@ def _ops(build: bool) -> list[Check]:
         else:
             checks.append(Check(f"op {name}", "warn", f"compatible, not built yet ({use}): the first run JIT-builds it "
                                 f"(~100 s, once; cached under ~/.cache/torch_extensions)",
-                                "run `python -m trainer.cli doctor --build-ops` now to build it and see any compiler error"))
+                                "run `python -m trainer.cli doctor --build-ops` now to build it and see any "
+                                "compiler error"))
     return checks
 
 
@@ -123,7 +125,7 @@ def _disk(out: str, model: str, keep_last: int) -> Check:
     detail = (f"{free / GB:.1f} GB free at {probe}; {model} checkpoints are {checkpoint_bytes(n_params) / GB:.2f} GB "
               f"each, {keep_last} kept + 1 being written = {need / GB:.1f} GB")
     if free < need:
-        return Check("disk", "fail", detail, f"free space, point --out at a larger disk, or lower --keep-last")
+        return Check("disk", "fail", detail, "free space, point --out at a larger disk, or lower --keep-last")
     if free < 2 * need:
         return Check("disk", "warn", detail, "little headroom for data shards and logs; consider a larger disk")
     return Check("disk", "ok", detail)
@@ -141,13 +143,15 @@ def _launch_env() -> Check:
                  if n else "single process: python -m trainer.cli pretrain ...")
 
 
-def checks(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium", keep_last: int = 3) -> list[Check]:
+def checks(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium",
+           keep_last: int = 3) -> list[Check]:
     found = _versions() + _devices() + [_bf16()] + _ops(build_ops) + [_disk(out, model, keep_last), _launch_env()]
     return found
 
 
 def run(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium", keep_last: int = 3,
         json_output: bool = False) -> dict:
+    """`doctor`: run every check, print them (or one JSON line), exit 1 if any fails; returns the report."""
     found = checks(build_ops=build_ops, out=out, model=model, keep_last=keep_last)
     result = {"ok": not any(c.status == "fail" for c in found),
               "fails": sum(c.status == "fail" for c in found), "warnings": sum(c.status == "warn" for c in found),

@@ -28,10 +28,9 @@ examples; keys ctx, endings, label).
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -39,35 +38,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import dist, engine, hostmem
-from trainer.errors import UserError
+from trainer import dist, hostmem
+from trainer.device import resolve_dtype, setup_device
+from trainer.errors import UserError, describe
 from trainer.loss import IGNORE_INDEX
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIKITEXT_DEFAULT_CONFIG = "wikitext-103-raw-v1"
-
-
-# ---- devices, ranks ----------------------------------------------------------------------------
-
-def setup_device(device: Optional[str] = None) -> torch.device:
-    """Start torch.distributed only under a launcher (WORLD_SIZE > 1); pick this rank's device."""
-    engine.import_deepspeed()  # checkpoints load through it; its log lines must not mix with our stdout
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        engine.init_distributed()
-    if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU, float32 on CPU (a CPU without native bf16 runs bf16 matmuls ~100x slower)."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 # ---- perplexity ----------------------------------------------------------------------------------
@@ -105,7 +81,8 @@ def window_nlls(model, tokens: torch.Tensor, windows, batch_size: int, device, p
     if current:
         batches.append(current)
     mine = dist.rank_share(len(batches), rank, world)
-    bar = tqdm(total=len(mine), disable=not progress, desc="eval-ppl", unit="batch", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(mine), disable=not progress, desc="eval-ppl", unit="batch", dynamic_ncols=True,
+               file=sys.stderr)
     for b in mine:
         padding = b is None  # the same number of forwards on every rank (dist.rank_share); its result is dropped
         batch = batches[0 if padding else b]
@@ -193,7 +170,7 @@ def load_text(cfg: PplConfig) -> str:
         ds = datasets.load_dataset(cfg.hf_dataset, config, split=cfg.split)
     except Exception as e:  # datasets raises many types (network, missing split/config): one clear line
         raise UserError(f"cannot load --hf-dataset {cfg.hf_dataset} (config {config}, split {cfg.split}): "
-                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                        f"{describe(e, line=0)}")
     if cfg.text_column not in ds.column_names:
         raise UserError(f"--hf-dataset {cfg.hf_dataset} has no column '{cfg.text_column}' (columns: "
                         f"{', '.join(ds.column_names)}); pass --text-column")
@@ -214,34 +191,32 @@ def text_of_tokens(tokenizer, tokens: np.ndarray) -> tuple[str, int]:
     return "\n\n".join(docs), sum(len(d.encode("utf-8")) for d in docs)
 
 
-def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
+def _with_source(cfg: PplConfig) -> PplConfig:
+    """The config with exactly one text source; a run directory alone brings its own validation shards."""
     from trainer import modelio
 
     sources = [s for s in (cfg.data, cfg.text_file, cfg.hf_dataset) if s]
-    if not sources:  # a run directory: score the validation shards of the data it trained on
-        trained_on = modelio.training_data_of(cfg.model_path)
-        if trained_on is None:
-            raise UserError("give one of --data DIR, --text-file FILE, --hf-dataset NAME to score "
-                            f"{cfg.model_path} on (only a run directory brings its own dataset)")
-        if not Path(trained_on).is_dir():
-            raise UserError(f"{cfg.model_path} trained on {trained_on}, which is not a directory from here; "
-                            "run from where it was trained or pass --data DIR")
-        if dist.is_main():
-            print(f"scoring the validation shards of {trained_on}, the run's training data "
-                  "(--data / --text-file / --hf-dataset for another)", file=sys.stderr, flush=True)
-        cfg = dataclasses.replace(cfg, data=trained_on)
-    elif len(sources) > 1:
+    if len(sources) > 1:
         raise UserError("give exactly one of --data DIR, --text-file FILE, --hf-dataset NAME")
-    device = setup_device(cfg.device)
-    hostmem.keep_freed_memory(device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
-    context = cfg.context or model.config.block_size
-    if context > model.config.block_size:
-        raise UserError(f"--context {context} is larger than the model's block size {model.config.block_size}")
-    stride = cfg.stride or max(1, context // 2)
+    if sources:
+        return cfg
+    trained_on = modelio.training_data_of(cfg.model_path)
+    if trained_on is None:
+        raise UserError("give one of --data DIR, --text-file FILE, --hf-dataset NAME to score "
+                        f"{cfg.model_path} on (only a run directory brings its own dataset)")
+    if not Path(trained_on).is_dir():
+        raise UserError(f"{cfg.model_path} trained on {trained_on}, which is not a directory from here; "
+                        "run from where it was trained or pass --data DIR")
+    if dist.is_main():
+        print(f"scoring the validation shards of {trained_on}, the run's training data "
+              "(--data / --text-file / --hf-dataset for another)", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, data=trained_on)
 
-    started = time.time()
+
+def _text_to_score(cfg: PplConfig, spec: Optional[str]):
+    """(tokenizer, tokens, text, UTF-8 bytes, prefix id or None) of the configured source."""
+    from trainer import modelio
+
     if cfg.data:
         from trainer.data import Dataset
 
@@ -255,25 +230,40 @@ def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
         if cfg.max_tokens:
             tokens = tokens[:cfg.max_tokens]
         text, n_bytes = text_of_tokens(tokenizer, tokens)
-        n_bytes = max(n_bytes, 1)
         prefix = None if int(tokens[0]) == tokenizer.eot_id else tokenizer.eot_id  # documents start with it
-    else:
-        tokenizer = modelio.require_tokenizer(spec, cfg.model_path)
-        text = load_text(cfg)
-        if not text.strip():
-            raise UserError(f"{cfg.text_file or cfg.hf_dataset}: the text is empty")
-        tokens = tokenizer.encode(text)
-        if cfg.max_tokens and len(tokens) > cfg.max_tokens:
-            tokens = tokens[:cfg.max_tokens]
-            text = tokenizer.decode(tokens)
-        n_bytes = len(text.encode("utf-8"))
-        prefix = tokenizer.eot_id
+        return tokenizer, tokens, text, max(n_bytes, 1), prefix
+    tokenizer = modelio.require_tokenizer(spec, cfg.model_path)
+    text = load_text(cfg)
+    if not text.strip():
+        raise UserError(f"{cfg.text_file or cfg.hf_dataset}: the text is empty")
+    tokens = tokenizer.encode(text)
+    if cfg.max_tokens and len(tokens) > cfg.max_tokens:
+        tokens = tokens[:cfg.max_tokens]
+        text = tokenizer.decode(tokens)
+    return tokenizer, tokens, text, len(text.encode("utf-8")), tokenizer.eot_id
+
+
+def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
+    """`eval-ppl`: load the model at --model-path, score the source, print (and return) the result."""
+    from trainer import modelio
+
+    cfg = _with_source(cfg)
+    device = setup_device(cfg.device)
+    hostmem.keep_freed_memory(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
+    context = cfg.context or model.config.block_size
+    if context > model.config.block_size:
+        raise UserError(f"--context {context} is larger than the model's block size {model.config.block_size}")
+    stride = cfg.stride or max(1, context // 2)
+
+    started = time.time()
+    tokenizer, tokens, text, n_bytes, prefix = _text_to_score(cfg, spec)
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise UserError(f"token id {int(np.max(tokens))} is outside the model's vocabulary "
                         f"({model.config.vocab_size}); the data was made with another tokenizer")
-
-    result = perplexity(model, tokens, context, stride, cfg.batch_size, device, progress=cfg.progress and dist.is_main(),
-                        prefix=prefix)
+    result = perplexity(model, tokens, context, stride, cfg.batch_size, device,
+                        progress=cfg.progress and dist.is_main(), prefix=prefix)
     total = result.pop("total_nll")
     result["bits_per_byte"] = total / math.log(2) / n_bytes
     result["bytes"] = n_bytes

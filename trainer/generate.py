@@ -140,8 +140,10 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
 
 
 def run(cfg: GenerateConfig, json_output: bool = False) -> dict:
+    """`generate`: sample from the model at cfg.model_path; streams text, or prints {prompt, samples} with
+    `json_output`. Returns that dict."""
     from trainer import modelio
-    from trainer.evaluate import resolve_dtype, setup_device
+    from trainer.device import resolve_dtype, setup_device
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.max_new_tokens < 1:

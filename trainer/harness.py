@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from trainer import dist
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 
 INSTALL_HINT = 'pip install -e ".[eval]" (or pip install "lm-eval[hf]>=0.4.13,<0.5")'
 
@@ -76,17 +76,19 @@ def check_task_data(names: list[str], task_manager) -> None:
     try:
         task_manager.load(names)
     except (ConnectionError, FileNotFoundError) as e:  # datasets' DatasetNotFoundError is a FileNotFoundError
-        raise UserError(f"cannot load the data of {', '.join(names)} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); lm-eval fetches task "
+        raise UserError(f"cannot load the data of {', '.join(names)} ({describe(e, line=0)}); lm-eval fetches task "
                         "data from the Hugging Face hub: run once with network access (it is cached then), or pass "
                         "--include-path DIR with task YAMLs over local files")
 
 
 def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
+    """`eval-harness`: lm-evaluation-harness tasks on the model at cfg.model_path, data-parallel under a
+    launcher; prints lm-eval's table (and one JSON line with `json_output`). Returns the results dict."""
     lm_eval = require_lm_eval()
     from lm_eval.utils import make_table
 
-    from trainer import evaluate, modelio
+    from trainer import modelio
+    from trainer.device import resolve_dtype, setup_device
     from trainer.harness_lm import HarnessLM
 
     if cfg.batch_size < 1:
@@ -97,8 +99,8 @@ def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names, task_manager = tasks_and_manager(cfg.tasks, cfg.include_path)
     check_task_data(names, task_manager)  # before the model: a missing download fails in seconds
-    device = evaluate.setup_device(cfg.device)
-    dtype = evaluate.resolve_dtype(cfg.dtype, device)
+    device = setup_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=dtype, tokenizer=cfg.tokenizer)
     tokenizer = modelio.require_tokenizer(spec, cfg.model_path)
     lm = HarnessLM(model, tokenizer, device, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,

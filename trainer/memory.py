@@ -94,16 +94,16 @@ class DSSetup:
 
     @classmethod
     def from_json(cls, config: dict) -> "DSSetup":
-        from trainer import engine  # config helpers only; deepspeed is imported lazily there
+        from trainer import ds_config
 
         zero = config.get("zero_optimization", {}) or {}
-        stage = engine.zero_stage(config)
+        stage = ds_config.zero_stage(config)
         if stage not in (0, 1, 2, 3):
             raise UserError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
         overlap = zero.get("overlap_comm", DS_DEFAULTS["overlap_comm"])
         offload_param = (zero.get("offload_param", {}) or {}).get("device", "none") not in (None, "none")
-        return cls(stage=stage, precision=engine.precision(config), offload_optimizer=engine.offloads_optimizer(config),
-                   offload_param=offload_param,
+        return cls(stage=stage, precision=ds_config.precision(config),
+                   offload_optimizer=ds_config.offloads_optimizer(config), offload_param=offload_param,
                    reduce_bucket_size=int(float(zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"]))),
                    overlap_comm=bool(stage == 3 if overlap is None else overlap),
                    contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),
@@ -279,7 +279,8 @@ def _total_bytes(states: dict, act: dict, buckets: int) -> tuple[float, str]:
     fwd_bwd = fixed + act["peak"] + buckets
     step = fixed + states["step_temp"]
     allocated = max(fwd_bwd, step)
-    return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES, "forward/backward" if fwd_bwd >= step else "optimizer step"
+    phase = "forward/backward" if fwd_bwd >= step else "optimizer step"
+    return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES, phase
 
 
 def estimate(preset: str, ds_config: dict, *, overrides: dict | None = None, gpus: int = 1, micro_batch: int = 1,
@@ -352,11 +353,11 @@ def recommend(preset: str, gpus: int, gpu_memory_gb: float, seq_len: int = 1024,
     micro-batch with checkpointing but without offload or ZeRO-3 (both move far more bytes per step),
     else the largest micro-batch of anything. The micro-batch is the largest power of two that fits
     (at most 32)."""
-    from trainer import engine
+    from trainer import ds_config
 
     options = []
     for name in CANDIDATES:
-        config = engine.load_ds_config(name)
+        config = ds_config.load_ds_config(name)
         for ckpt in (False, True):
             est = estimate(preset, config, gpus=gpus, micro_batch=1, seq_len=seq_len, activation_checkpointing=ckpt,
                            gpu_memory_gb=gpu_memory_gb, ds_name=name)
@@ -372,7 +373,7 @@ def recommend(preset: str, gpus: int, gpu_memory_gb: float, seq_len: int = 1024,
     else:
         return {"model": preset, "gpus": gpus, "gpu_memory_gb": gpu_memory_gb, "ds_config": None, "fits": False}
     mb = min(32, 1 << int(math.log2(best)))
-    est = estimate(preset, engine.load_ds_config(name), gpus=gpus, micro_batch=mb, seq_len=seq_len,
+    est = estimate(preset, ds_config.load_ds_config(name), gpus=gpus, micro_batch=mb, seq_len=seq_len,
                    activation_checkpointing=ckpt, gpu_memory_gb=gpu_memory_gb, ds_name=name)
     return {"model": preset, "gpus": gpus, "gpu_memory_gb": gpu_memory_gb, "ds_config": name,
             "activation_checkpointing": ckpt, "micro_batch": mb, "max_micro_batch": best,
@@ -384,7 +385,7 @@ def table(seq_len: int = 1024) -> list[dict]:
 
 
 def table_markdown(rows: list[dict], seq_len: int = 1024) -> str:
-    lines = [f"| model | GPUs | DeepSpeed config | act. checkpointing | micro-batch (max) | predicted GB/GPU |",
+    lines = ["| model | GPUs | DeepSpeed config | act. checkpointing | micro-batch (max) | predicted GB/GPU |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         hw = f"{r['gpus']} x {r['gpu_memory_gb']:g} GB"
@@ -392,8 +393,8 @@ def table_markdown(rows: list[dict], seq_len: int = 1024) -> str:
             lines.append(f"| {r['model']} | {hw} | does not fit | | | |")
             continue
         lines.append(f"| {r['model']} ({r['n_params'] / 1e6:.0f}M) | {hw} | `{r['ds_config']}` | "
-                     f"{'on' if r['activation_checkpointing'] else 'off'} | {r['micro_batch']} ({r['max_micro_batch']}) | "
-                     f"{r['total_gb']:.1f} |")
+                     f"{'on' if r['activation_checkpointing'] else 'off'} | "
+                     f"{r['micro_batch']} ({r['max_micro_batch']}) | {r['total_gb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -426,15 +427,18 @@ def format_table(est: Estimate) -> str:
 
 
 def run(*, model: str, overrides: dict | None, ds_config: str, gpus: int, micro_batch: int, seq_len: int | None,
-        activation_checkpointing: bool, gpu_memory_gb: float, json_output: bool = False, show_table: bool = False) -> dict:
-    from trainer import engine
+        activation_checkpointing: bool, gpu_memory_gb: float, json_output: bool = False,
+        show_table: bool = False) -> dict:
+    """`estimate-memory`: predicted per-GPU memory of `model` under `ds_config` on `gpus` GPUs (or, with
+    `show_table`, the recommendation table); prints it and returns it as a dict (GB = 2**30 bytes)."""
+    from trainer.ds_config import load_ds_config, resolve_ds_config_path
 
     if show_table:
         rows = table(seq_len or 1024)
         print(json.dumps({"table": rows}) if json_output else table_markdown(rows, seq_len or 1024))
         return {"table": rows}
-    config = engine.load_ds_config(ds_config)
-    name = engine.resolve_ds_config_path(ds_config).stem
+    config = load_ds_config(ds_config)
+    name = resolve_ds_config_path(ds_config).stem
     est = estimate(model, config, overrides=overrides, gpus=gpus, micro_batch=micro_batch, seq_len=seq_len,
                    activation_checkpointing=activation_checkpointing, gpu_memory_gb=gpu_memory_gb, ds_name=name)
     result = est.to_dict()
@@ -468,7 +472,6 @@ def profile_peak(forward, backward) -> dict:
     import os
     import tempfile
 
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

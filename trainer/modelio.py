@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 import models
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 
 TOKENIZER_SPEC_FILE = "tokenizer_spec.txt"
 # Hub names whose tokenizer is OpenAI's GPT-2 BPE: use our offline tiktoken encoder for them.
@@ -178,7 +178,7 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer: Optional[str]
             raise UserError(f"checkpoint {where} has no model_config in its client_state; it was not written by "
                             "trainer.pretrain, so its architecture is unknown")
         with torch.device("meta"):
-            model = models.GPT(models.ModelConfig(**client["model_config"]))
+            model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))
         models.io.load_state(model, state)
         spec = client.get("tokenizer")
         info.update(step=client.get("step"), client_state={k: v for k, v in client.items()
@@ -206,7 +206,7 @@ def _load_hf(name: str, local: bool):
     except (OSError, ValueError) as e:
         where = "directory" if local else "hub name"
         hint = "" if local else " (no network? download it once with network access, or pass a local directory)"
-        raise UserError(f"cannot load Hugging Face model {where} '{name}': {str(e).splitlines()[0]}{hint}")
+        raise UserError(f"cannot load Hugging Face model {where} '{name}': {describe(e, line=0)}{hint}")
     try:
         model = models.hf.from_hf(hf_model)
     except ValueError as e:

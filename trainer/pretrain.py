@@ -22,6 +22,7 @@ from trainer import dist, engine as ds_engine, hostmem, recovery
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
+from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path
 from trainer.errors import UserError
 from trainer.metrics import peak_flops
 from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
@@ -160,7 +161,7 @@ class Run:
                      schedule=c.schedule, decay_frac=c.decay_frac)
 
     def client_state(self) -> dict:
-        """What every checkpoint carries besides DeepSpeed's own state (DESIGN: checkpoints describe themselves)."""
+        """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
         return {**self.state.client_state(), "train_config": self.cfg.to_dict(),
                 "model_config": dataclasses.asdict(self.model_cfg), "tokenizer": self.dataset.tokenizer_spec,
                 "world_size": dist.world_size(), "zero_stage": self.engine.zero_optimization_stage(),
@@ -169,6 +170,8 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    """Everything before the first step: process group, data, model, the checkpoint to resume (chosen before
+    the engine, since another ZeRO setup builds the engine for a universal load), engine, state, timeline."""
     ds_engine.init_distributed()
     world = dist.world_size()
     hostmem.keep_freed_memory(ds_engine.device())
@@ -177,8 +180,8 @@ def setup(cfg: TrainConfig) -> Run:
     plan = plan_batches(cfg, model_cfg.block_size, world)
     stream = TrainStream(dataset, plan.seq_len, plan.global_batch, cfg.seed)
     steps = total_steps(cfg, plan, stream)
-    ds_config = ds_engine.build_ds_config(
-        ds_engine.load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+    ds_config = build_ds_config(
+        load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
         world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay)
     model = build_model(cfg, model_cfg)
@@ -244,7 +247,7 @@ def start_log(run: Run) -> RunLog:
     dist.print0(f"{dist.world_size()} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
                 f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
-                f"({ds_engine.resolve_ds_config_path(cfg.ds_config).name}) | {run.total_steps} steps | MFU vs {peak_source}")
+                f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.total_steps} steps | MFU vs {peak_source}")
     return log
 
 
@@ -284,7 +287,8 @@ def train(run: Run) -> str:
                         f"({state.skips_in_a_row} in a row, {state.skipped} in total)")
             if state.skips_in_a_row >= cfg.max_skips:
                 ckpt = recovery.roll_back(run.checkpointer, engine, state, cfg.max_skips, cfg.max_rollbacks)
-                run.log.event({"event": "rollback", "step": state.step, "checkpoint": ckpt.name, "cursor": state.cursor})
+                run.log.event({"event": "rollback", "step": state.step, "checkpoint": ckpt.name,
+                               "cursor": state.cursor})
                 run.log.restart_window(state)
                 continue  # no eval or save of the step just restored
         validate_if_due(run, last)
@@ -325,6 +329,16 @@ def save(run: Run) -> None:
 
 
 def run(cfg: TrainConfig, json_output: bool = False) -> dict:
+    """Train (or resume) the run `cfg` describes, on every rank of the launch.
+
+    Args:
+        cfg: the resolved run config (trainer.config.resolve: defaults < YAML < flags).
+        json_output: print the result as one JSON line on stdout (rank 0).
+
+    Returns:
+        {run_dir, step, tokens, loss, val_loss, skipped, stopped}; `stopped` says why the loop ended
+        ("finished", "signal SIGTERM", "max-time reached", "--stop-after-steps").
+    """
     r = setup(cfg)
     if cfg.hellaswag_every:
         from trainer.periodic import PeriodicHellaSwag

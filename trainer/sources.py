@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 
 TOKEN_PREFIXES = ("nanogpt:", "npy:", "llmc:")
 SPEC_HELP = "pydoc, a file path or glob (.txt/.jsonl/.jsonl.gz/.parquet), hf:NAME[:CONFIG][@SPLIT], " \
@@ -72,8 +72,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
             table = pq.ParquetFile(path)
             if text_field not in table.schema_arrow.names:
-                raise UserError(f"{path} has no column '{text_field}' (columns: {', '.join(table.schema_arrow.names)}); "
-                                "pass --text-field")
+                columns = ", ".join(table.schema_arrow.names)
+                raise UserError(f"{path} has no column '{text_field}' (columns: {columns}); pass --text-field")
             for batch in table.iter_batches(columns=[text_field], batch_size=1024):
                 yield from (t for t in batch.column(0).to_pylist() if t)
         elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
@@ -108,7 +108,7 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # datasets raises many types (connection, missing config, missing split)
         raise UserError(f"cannot open Hugging Face dataset {name} (config {config}, split {split}): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                        f"{describe(e, line=0)}")
     for record in stream:
         if text_field not in record:
             raise UserError(f"dataset {name} has no field '{text_field}' (has: {', '.join(record)}); pass --text-field")

@@ -12,7 +12,7 @@ class TrainState:
     cursor: int = 0        # global sample cursor: the next step trains on samples cursor .. cursor + global_batch - 1
     tokens: int = 0        # training tokens seen
     skipped: int = 0       # updates skipped for non-finite gradients, in total
-    rollbacks: int = 0     # rollbacks in this invocation (saved for the record, not restored: a resume gets a fresh budget)
+    rollbacks: int = 0     # in this invocation (saved for the record, not restored: a resume gets a fresh budget)
     skips_in_a_row: int = 0  # not saved: a resume starts counting again
 
     def advance(self, global_batch: int, seq_len: int, skipped: bool) -> None:

@@ -138,7 +138,8 @@ class BytesTokenizer(Tokenizer):
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(ENDOFTEXT, special=True)])
         if tok.token_to_id(ENDOFTEXT) != self.eot_id:
-            raise RuntimeError(f"byte-level tokenizer put {ENDOFTEXT} at id {tok.token_to_id(ENDOFTEXT)}, not {self.eot_id}")
+            raise RuntimeError(f"byte-level tokenizer put {ENDOFTEXT} at id {tok.token_to_id(ENDOFTEXT)}, "
+                               f"not {self.eot_id}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tok.save(str(directory / "tokenizer.json"))

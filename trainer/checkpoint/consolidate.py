@@ -21,9 +21,9 @@ _DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "froze
                    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
                    "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                    "checkpoint_parallel_dimensions", "ds_config", "ds_version", "sparse_tensor_module_names"}
-# ModelConfig fields that are training switches, not architecture: they may differ between a checkpoint and
+# ModelConfig fields that are training settings, not architecture: they may differ between a checkpoint and
 # the model it is loaded into.
-NOT_ARCHITECTURE = ("dropout", "activation_checkpointing")
+NOT_ARCHITECTURE = ("dropout",)
 
 
 def architecture_differences(saved: dict, mine: dict, tolerate: tuple = ()) -> list[tuple]:
@@ -67,6 +67,9 @@ def consolidated_state_dict(ckpt) -> tuple[dict, dict]:
     states = _model_states(ckpt)
     client = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
     if any(ckpt.glob("*optim_states.pt")):
+        from trainer.engine import import_deepspeed
+
+        import_deepspeed()  # first import with its logger on stderr: stdout carries results
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is for results / --json
@@ -98,7 +101,7 @@ def _zero0_fp32_master(states: dict, client: dict) -> Optional[dict]:
     from trainer.optim import param_groups
 
     with torch.device("meta"):
-        model = models.GPT(models.ModelConfig(**client["model_config"]))
+        model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.0)
     if len(groups) != len(flats):

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from trainer import dist
+from trainer.ds_config import offloads_optimizer, precision, zero_stage
 from trainer.checkpoint.store import UNIVERSAL, is_complete, read_marker, write_marker
 from trainer.errors import UserError, describe
 
@@ -31,16 +32,15 @@ def engine_layout(engine) -> dict:
 
 def config_layout(world_size: int, ds_config: dict) -> dict:
     """The same, for an engine about to be built from `ds_config` (read before deepspeed.initialize)."""
-    from trainer import engine as ds_engine
-
-    return {"world_size": world_size, "zero_stage": ds_engine.zero_stage(ds_config),
-            "precision": ds_engine.precision(ds_config), "offload": ds_engine.offloads_optimizer(ds_config)}
+    return {"world_size": world_size, "zero_stage": zero_stage(ds_config), "precision": precision(ds_config),
+            "offload": offloads_optimizer(ds_config)}
 
 
 def _describe(layout: dict) -> str:
     offload = " + CPU offload" if layout.get("offload") else ""
     ranks = layout.get("world_size")
-    return f"ZeRO-{layout.get('zero_stage')} {layout.get('precision', '?')}{offload} on {ranks} rank{'s' * (ranks != 1)}"
+    plural = "s" * (ranks != 1)
+    return f"ZeRO-{layout.get('zero_stage')} {layout.get('precision', '?')}{offload} on {ranks} rank{plural}"
 
 
 def saved_layout(ckpt: Path) -> dict:

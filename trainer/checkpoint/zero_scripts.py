@@ -57,8 +57,10 @@ def main():
         from tools.zero_to_fp32 import main as export
     except ImportError as e:
         sys.exit(f"Error: gpt-trainer's tools/zero_to_fp32.py is not importable ({{e}}; it was in {{ROOT}}). From "
-                 f"your gpt-trainer checkout run: python tools/zero_to_fp32.py {{args.checkpoint_dir}} {{args.output_dir}}")
-    argv = [args.checkpoint_dir, args.output_dir] + (["--tag", args.tag] if args.tag else []) + (["--hf"] if args.hf else [])
+                 "your gpt-trainer checkout run: python tools/zero_to_fp32.py "
+                 f"{{args.checkpoint_dir}} {{args.output_dir}}")
+    argv = [args.checkpoint_dir, args.output_dir] + (["--tag", args.tag] if args.tag else [])
+    argv += ["--hf"] if args.hf else []
     export.main(argv, prog_name=Path(__file__).name)
 
 

@@ -1,0 +1,118 @@
+"""The DeepSpeed JSON: find it, read it, and write the trainer's numbers into it.
+
+The JSON owns the ZeRO stage, precision, offload and optimizer type; the trainer owns batch sizes,
+accumulation, clipping, learning rate, betas, eps and weight decay and writes them in. A JSON that
+sets a trainer-owned key to a different value is refused with the key named, so a run never silently
+uses numbers the user did not choose. Pure dictionaries: nothing here imports deepspeed.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Keys the trainer computes; a JSON may omit them, say "auto", or repeat the same value.
+TRAINER_OWNED_TOP = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping")
+TRAINER_OWNED_OPTIM = ("lr", "betas", "eps", "weight_decay")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX); without them torch emulates
+    bf16 matmuls, far slower than fp32 ones on the same cores."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_ds_config() -> str:
+    """`--ds-config auto`: ZeRO-2 in the fastest precision this machine really has."""
+    if torch.cuda.is_available():
+        return "zero2_bf16" if torch.cuda.is_bf16_supported() else "zero2_fp16"
+    return "zero2_bf16" if cpu_has_native_bf16() else "zero2_fp32"
+
+
+def resolve_ds_config_path(spec: str) -> Path:
+    """Accept a path, a file name in ds_configs/, a bare name like `zero2_bf16`, or `auto`."""
+    if spec == "auto":
+        spec = auto_ds_config()
+    candidates = [Path(spec), DS_CONFIG_DIR / spec, DS_CONFIG_DIR / f"{spec}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    available = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise UserError(f"DeepSpeed config '{spec}' not found; pass a JSON file path or one of: {available}")
+
+
+def load_ds_config(spec: str) -> dict:
+    path = resolve_ds_config_path(spec)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file")
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _claim(section: dict, key: str, value, where: str, flag: str) -> None:
+    current = section.get(key, "auto")
+    if current != "auto" and not _same(current, value):
+        raise UserError(f"DeepSpeed config sets {where}{key}={current!r} but the trainer computed {value!r}; "
+                        f"remove the key from the JSON (the trainer owns it) or pass {flag}")
+    section[key] = value
+
+
+def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
+                    lr: float, betas: tuple, eps: float, weight_decay: float) -> dict:
+    """Return a copy of `base` with the trainer-owned numbers written in (or an error on conflict)."""
+    config = json.loads(json.dumps(base))
+    if "scheduler" in config:
+        raise UserError("DeepSpeed config has a 'scheduler' block; remove it: the trainer sets the learning rate of "
+                        "every step itself (--schedule, --lr, --min-lr, --warmup-steps), so a resumed run continues it")
+    _claim(config, "train_micro_batch_size_per_gpu", micro_batch, "", "--micro-batch")
+    _claim(config, "gradient_accumulation_steps", grad_accum, "", "--grad-accum / --global-batch")
+    _claim(config, "train_batch_size", micro_batch * grad_accum * world_size, "", "--global-batch")
+    _claim(config, "gradient_clipping", grad_clip, "", "--grad-clip")
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    for key, value, flag in (("lr", lr, "--lr"), ("betas", list(betas), "--beta1/--beta2"), ("eps", eps, "--eps"),
+                             ("weight_decay", weight_decay, "--weight-decay")):
+        _claim(params, key, value, "optimizer.params.", flag)
+    return config
+
+
+def zero_stage(config: dict) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(config: dict) -> str:
+    """bf16 | fp16 | fp32, read as DeepSpeed reads it: the `bf16` section, or the older spelling
+    `bfloat16` when there is no `bf16` section."""
+    bf16 = config.get("bf16")
+    if bf16 is None:
+        bf16 = config.get("bfloat16", {})
+    if (bf16 or {}).get("enabled"):
+        return "bf16"
+    if (config.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def offloads_optimizer(config: dict) -> bool:
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
