@@ -180,6 +180,18 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
                     "HF model dir or hub name (e.g. gpt2).")
 
 
+def compute_options(command):
+    """--dtype, --device, --tokenizer: how an inference command runs the model it loads."""
+    for option in reversed([
+            click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                         help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]"),
+            click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]"),
+            click.option("--tokenizer", help="Tokenizer spec, when the model path records none (gpt2, bytes, "
+                                              "hf:PATH, sp:PATH).")]):
+        command = option(command)
+    return command
+
+
 @cli.command("eval-ppl", context_settings={"show_default": True})
 @click.option("--model-path", required=True, help=_MODEL_PATH_HELP)
 @click.option("--data", type=click.Path(), help="Dataset dir: score its val_*.bin shards.")
@@ -192,10 +204,7 @@ _MODEL_PATH_HELP = ("Run dir (latest complete checkpoint), checkpoint dir or RUN
 @click.option("--stride", type=int,
               help="New tokens scored per window (= context: lm-eval's rolling loglikelihood). [default: context/2]")
 @click.option("--batch-size", type=int, default=8, help="Windows per forward pass (does not change the result).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
-@click.option("--tokenizer", help="Tokenizer spec, when the model path records none (gpt2, bytes, hf:PATH, sp:PATH).")
+@compute_options
 @click.option("--max-tokens", type=int, help="Score only the first N tokens (quick checks).")
 @click.option("--word-level", is_flag=True, help="Also report word-level perplexity (GPT-2 paper style).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
@@ -216,10 +225,7 @@ def eval_ppl(json_output, **options):
 @click.option("--jsonl", required=True, type=click.Path(),
               help="HellaSwag jsonl (ctx, endings, label), e.g. hellaswag_val.jsonl from github.com/rowanz/hellaswag.")
 @click.option("--limit", type=int, help="Score only the first N examples.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
-@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@compute_options
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
 def eval_hellaswag(**options):
@@ -240,10 +246,7 @@ def eval_hellaswag(**options):
               help="Directory of your own task YAMLs (e.g. over local jsonl files).")
 @click.option("--max-gen-toks", type=int, default=256, help="Generation length for tasks that do not set one.")
 @click.option("--seed", type=int, default=1234, help="Seed for tasks that sample (do_sample); request i uses seed + i.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: this rank's GPU, else cpu]")
-@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@compute_options
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the results as one JSON line.")
 def eval_harness(json_output, **options):
@@ -265,10 +268,7 @@ def eval_harness(json_output, **options):
 @click.option("--top-p", type=float, help="Nucleus sampling: smallest set with probability >= p.")
 @click.option("--num-samples", type=int, default=1, help="Independent samples (sample i uses seed + i).")
 @click.option("--seed", type=int, default=1337, help="Random seed.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Compute dtype. [default: bfloat16 on GPU, float32 on CPU]")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: GPU if any, else cpu]")
-@click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
+@compute_options
 @click.option("--cache/--no-cache", "use_cache", default=True, help="Use the KV cache.")
 @click.option("--stop-at-eot/--no-stop-at-eot", default=True, help="Stop a sample at end-of-text.")
 @click.option("--json", "json_output", is_flag=True, help="Print {prompt, samples} as one JSON line (no streaming).")
