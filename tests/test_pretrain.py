@@ -228,8 +228,9 @@ def test_throughput_counts_training_time_only(data, tmp_path):
     steps = {r["step"]: r for r in records if "loss" in r}
     assert [r["step"] for r in evals] == [3, 6, 9, 12] and [r["step"] for r in saves] == [3, 6, 9, 12]
     step_seconds = 8 * 64 / sorted(r["tokens_per_s"] for r in steps.values())[len(steps) // 2]
-    assert all(r["eval_seconds"] > 3 * step_seconds for r in evals), (evals, step_seconds)  # evaluation is slow here
+    assert all(r["eval_seconds"] > 8 * step_seconds for r in evals), (evals, step_seconds)  # evaluation is slow here
     assert all(r["seconds"] > 0 and r["checkpoint"] == f"step_{r['step']:07d}" for r in saves)
     after = [steps[r["step"] + 1]["tokens_per_s"] for r in evals[:-1]]
     others = [steps[s]["tokens_per_s"] for s in steps if s - 1 not in (3, 6, 9)]
-    assert min(after) > 0.5 * sorted(others)[len(others) // 2], (after, others)
+    # Counting the evaluation would divide the next rate by 9 or more; a busy machine's noise stays within 3x.
+    assert min(after) > sorted(others)[len(others) // 2] / 3, (after, others)

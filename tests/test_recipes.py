@@ -118,10 +118,10 @@ def test_recipe_config_matches_the_published_recipe(stem):
 
 
 def test_medium_recipe_micro_batch_is_what_estimate_memory_recommends():
-    from trainer import engine, memory
+    from trainer import ds_config, memory
 
     cfg = resolve(str(CONFIGS / "gpt2-medium-fineweb-edu-2x24gb.yaml"), {})
-    est = memory.estimate(cfg.model, engine.load_ds_config(cfg.ds_config), gpus=2, micro_batch=cfg.micro_batch,
+    est = memory.estimate(cfg.model, ds_config.load_ds_config(cfg.ds_config), gpus=2, micro_batch=cfg.micro_batch,
                           seq_len=cfg.seq_len, activation_checkpointing=True, gpu_memory_gb=24)
     assert est.fits
     # The project's rule (memory.recommend): the largest power of two that fits, at most 32.
