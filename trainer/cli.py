@@ -95,6 +95,58 @@ def pretrain(config_file, set_, compile_, json_output, **options):
     pretrain_module.run(cfg, json_output=json_output)
 
 
+# ---- finetune: pretrain's options (less those that pick data and model) plus its own --------------
+_NOT_FOR_FINETUNE = {"model", "data", "tokenizer", "init_from", "seq_len", "json_output"}
+_FINETUNE_DEFAULTS = {"lr": "2e-5", "min_lr": "2e-6", "warmup_steps": "20", "weight_decay": "0.0",
+                      "eval_every": "100", "save_every": "500", "out": "runs/finetune"}
+
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--init-from", help="The pretrained model: run dir, checkpoint, consolidated or HF model dir, hub name.")
+@click.option("--data", help="Instruction data: .jsonl / .jsonl.gz / .parquet (or a glob), hf:NAME[:CONFIG][@SPLIT], "
+                             "or a dir of tokenized examples (a run's RUN/sft).")
+@click.option("--format", "sft_format", type=click.Choice(["auto", "alpaca", "chat", "prompt-completion"]),
+              help="Record layout: alpaca (instruction/input/output), chat (messages), prompt-completion. [default: auto]")
+@click.option("--template", help="Chat template: plain, chatml, alpaca, or a JSON file. [default: plain]")
+@click.option("--max-seq-len", "seq_len", type=int,
+              help="Training window and longest example; longer ones are truncated (counted). [default: the model's block_size]")
+@click.option("--packing/--no-packing", default=None, help="Pack examples into windows, or one padded example each. [default: packing]")
+@click.option("--val-fraction", type=float, help="Fraction of records held out for val loss. [default: 0.05]")
+@click.option("--tokenizer", help="Tokenizer spec, only for a base model that records none.")
+@click.option("--json", "json_output", is_flag=True, help="Print the final result as one JSON line.")
+def finetune(config_file, set_, compile_, json_output, **options):
+    """Instruction-tune a pretrained model: loss on the responses only, same engine, checkpoints and resume as pretrain.
+
+    Launch as pretrain: plain python, `deepspeed --num_gpus N --module trainer.cli finetune ...` or torchrun.
+    Defaults that differ from pretrain: lr 2e-5, min-lr 2e-6, warmup 20 steps, weight decay 0, eval every
+    100 steps, save every 500; one epoch.
+    """
+    from trainer import config as train_config
+
+    flags = _given(**options, compile=compile_)
+    if set_:
+        flags["model_overrides"] = train_config.parse_set(set_)
+    cfg = train_config.resolve(config_file, flags, cls=train_config.FinetuneConfig)
+    from trainer import finetune as finetune_module  # heavy imports only once the options are valid
+
+    finetune_module.run(cfg, json_output=json_output)
+
+
+def _inherited(option: click.Parameter) -> click.Parameter:
+    """A pretrain option for finetune, its help showing finetune's default where that differs."""
+    if option.name not in _FINETUNE_DEFAULTS:
+        return option
+    import copy
+    import re
+
+    option = copy.copy(option)
+    option.help = re.sub(r"\[default: [^\]]*\]", f"[default: {_FINETUNE_DEFAULTS[option.name]}]", option.help or "")
+    return option
+
+
+finetune.params[-1:-1] = [_inherited(p) for p in pretrain.params if p.name not in _NOT_FOR_FINETUNE]  # before --json
+
+
 
 @cli.command("estimate-memory", context_settings={"show_default": True})
 @click.option("--model", default="gpt2-medium", help="Model preset (gpt2, gpt2-medium, gpt25-medium, ...).")
@@ -223,6 +275,9 @@ def eval_harness(json_output, **options):
 @click.option("--tokenizer", help="Tokenizer spec, when the model path records none.")
 @click.option("--cache/--no-cache", "use_cache", default=True, help="Use the KV cache.")
 @click.option("--stop-at-eot/--no-stop-at-eot", default=True, help="Stop a sample at end-of-text.")
+@click.option("--chat", is_flag=True, help="Apply the fine-tuned model's chat template to --prompt; stop at its end marker.")
+@click.option("--template", help="Chat template to apply (plain, chatml, alpaca or a JSON file); implies --chat.")
+@click.option("--system", help="A system message before --prompt (with --chat).")
 @click.option("--json", "json_output", is_flag=True, help="Print {prompt, samples} as one JSON line (no streaming).")
 def generate(json_output, **options):
     """Sample text from a model, streamed to stdout."""
