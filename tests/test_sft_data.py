@@ -7,9 +7,11 @@ tokenizer with the template's Jinja chat_template, rendered and tokenized by tra
 transformers' ids for the conversation before and after that reply.
 """
 import json
+import types
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -310,3 +312,36 @@ def test_packing_fills_rows_and_padding_uses_one_row_per_example():
     val = SFTValStream(examples, 15, 4, True, 256)
     with pytest.raises(UserError, match="less than one validation batch of 4"):
         val.count(1)
+
+
+# ---- generation stops at the end marker -------------------------------------------------------------
+
+class Scripted(torch.nn.Module):
+    """A stand-in model whose greedy continuation of any prompt is `script` (byte ids), one token per forward."""
+
+    def __init__(self, script: bytes, prompt_len: int):
+        super().__init__()
+        self.script, self.prompt_len = list(script), prompt_len
+        self.config = types.SimpleNamespace(block_size=4096)
+        self.wte = torch.nn.Embedding(1, 1)
+        self.forwards = 0
+
+    def forward(self, idx, kv_cache=None):
+        self.forwards += 1
+        logits = torch.zeros(1, idx.shape[1], 257)
+        logits[0, -1, self.script[idx.shape[1] - self.prompt_len]] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_a_chat_reply_ends_at_the_end_marker_and_never_shows_it(name):
+    from trainer.generate import sample
+
+    template, tokenizer = BUILTIN[name], get_tokenizer("bytes")
+    prompt = template.prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
+    model = Scripted(f"Hello <there>.{template.end}more text".encode(), len(prompt))
+    shown = []
+    reply = sample(model, tokenizer, "", 200, temperature=0, use_cache=False, prompt_ids=prompt, stop=template.stop,
+                   on_text=shown.append)
+    assert reply == "".join(shown) == "Hello <there>."
+    assert model.forwards == len(f"Hello <there>.{template.end.rstrip()}")  # stopped as the marker completed

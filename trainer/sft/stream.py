@@ -121,7 +121,7 @@ class SFTValStream:
     def count(self, n_batches: int) -> int:
         if self.num_batches == 0:
             raise UserError(f"the held-out examples make {len(self.rows)} rows, less than one validation batch of "
-                            f"{self.batch_size}; raise --val-fraction, or pass --eval-every 0")
+                            f"{self.batch_size}; raise --val-fraction, lower --micro-batch, or pass --eval-every 0")
         return min(n_batches, self.num_batches)
 
     def batch(self, b: int):
