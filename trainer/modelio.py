@@ -9,7 +9,9 @@
   HF model dir         config.json with a `model_type` (GPT2LMHeadModel / LlamaForCausalLM)
   hub name             e.g. `gpt2`, `openai-community/gpt2-medium` (needs the hub or its local cache)
 DeepSpeed checkpoints are consolidated in memory from the ZeRO files (trainer.checkpoint), so no
-manual zero_to_fp32 step is needed; the ModelConfig and tokenizer spec travel in the client_state.
+manual zero_to_fp32 step is needed; the ModelConfig and tokenizer spec travel in the client_state, and
+so does a fine-tuned model's chat template (beside exported files: sft_template.json).
+`describe_model(path)` reads the ModelConfig and tokenizer of any of these without loading weights.
 """
 import dataclasses
 import hashlib
