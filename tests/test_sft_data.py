@@ -68,6 +68,17 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant"
 GOOD_ALPACA = {"instruction": "fine", "output": "ok"}
 
 
+def test_hf_datasets_are_read_like_files(tmp_path):
+    """hf:NAME[:CONFIG][@SPLIT] goes through `datasets` (streaming); a local dataset directory needs no network."""
+    rows = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(3)]
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", rows)
+    assert read_conversations(f"hf:{tmp_path / 'ds'}@train") == read_conversations(write_jsonl(tmp_path / "f.jsonl", rows))
+    write_jsonl(tmp_path / "ds" / "train.jsonl", [*rows, {"instruction": "x", "input": "", "output": ""}])
+    with pytest.raises(UserError, match=f"hf:{tmp_path / 'ds'}@train record 4: the response"):
+        read_conversations(f"hf:{tmp_path / 'ds'}@train")
+
+
 @pytest.mark.parametrize("first, record, fragment", [
     (GOOD_ALPACA, {"instruction": "x"}, "line 2 has no 'output' (an alpaca record needs instruction, output"),
     (GOOD_ALPACA, {"instruction": "x", "output": "  \n"}, "line 2: the response ('output') is empty"),

@@ -152,7 +152,7 @@ def iter_records(spec: str) -> Iterator[tuple[str, dict]]:
     """(where, record) for each record of .jsonl / .jsonl.gz / .parquet files (a path or glob) or an
     `hf:NAME[:CONFIG][@SPLIT]` dataset; `where` names the record for error messages ("FILE line 7")."""
     if spec.startswith("hf:"):
-        for number, record in enumerate(_open_hf(spec)):
+        for number, record in enumerate(_open_hf(spec), 1):  # counted from 1, as file lines are
             yield f"{spec} record {number}", record
         return
     if is_token_source(spec) or spec == "pydoc":
