@@ -170,6 +170,10 @@ def test_the_finetuned_export_answers_training_prompts_better_and_chats_in_a_pip
     assert reply["role"] == "assistant" and ours and reply["content"].startswith(ours)
     rest = reply["content"][len(ours):]
     assert rest == "" or rest.lstrip().startswith("<|end|>"), rest  # ours stops at the end marker, HF at end-of-text
+    # The export also carries the template for our own commands.
+    result = CliRunner().invoke(cli, ["generate", "--model-path", str(tmp_path / "hf"), "--chat", "--prompt",
+                                      messages[0]["content"], "--temperature", "0", "--max-new-tokens", "24", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout.strip().splitlines()[-1])["samples"][0] == ours
 
 
 def test_a_paused_run_resumes_bitwise_from_its_own_examples(run, gpt2_base, sft_files, tmp_path):
@@ -308,3 +312,19 @@ def test_resuming_with_other_data_settings_is_refused(run, gpt2_base, sft_files,
     assert "holds the examples this run was trained on, and they were made otherwise: template plain (now chatml)" \
         in errors[0]
     assert _files(out) == before
+
+
+def test_generate_chat_needs_a_template_and_takes_one_by_name(bytes_base, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    base = str(bytes_base / "base")
+    common = ["generate", "--model-path", base, "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"]
+    for extra, fragment in ((["--chat"], "records no chat template (it was not fine-tuned with `finetune`); name one "
+                                         "with --template plain"),
+                            (["--system", "Be brief."], "--system is a chat message: pass --chat"),
+                            (["--template", "nope"], "--template nope: not a built-in template")):
+        result = CliRunner().invoke(cli, [*common, *extra])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code != 0 and len(errors) == 1 and fragment in errors[0], result.output
+    result = CliRunner().invoke(cli, [*common, "--template", "chatml", "--system", "Be brief.", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["template"] == "chatml"
