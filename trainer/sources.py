@@ -29,7 +29,8 @@ def is_token_source(spec: str) -> bool:
     return spec.startswith(TOKEN_PREFIXES)
 
 
-def _paths(pattern: str) -> list[Path]:
+def source_files(pattern: str) -> list[Path]:
+    """The files a path or glob names, sorted (an error when it names none)."""
     paths = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser())))
     if not paths:
         raise UserError(f"source '{pattern}': no such file; give an existing path or a glob that matches files")
@@ -60,7 +61,7 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         return
     if is_token_source(spec):
         raise UserError(f"source '{spec}' holds tokens, not text")
-    for path in _paths(spec):
+    for path in source_files(spec):
         yield from _iter_file(path, text_field)
 
 
@@ -134,7 +135,7 @@ def iter_token_arrays(spec: str) -> Iterator[np.ndarray]:
     from trainer.data import read_shard
 
     kind, _, pattern = spec.partition(":")
-    for path in _paths(pattern):
+    for path in source_files(pattern):
         if kind == "nanogpt":
             if path.stat().st_size % 2:
                 raise UserError(f"{path} has an odd number of bytes: not a nanoGPT uint16 token file")
@@ -158,7 +159,7 @@ def iter_records(spec: str) -> Iterator[tuple[str, dict]]:
     if is_token_source(spec) or spec == "pydoc":
         raise UserError(f"source '{spec}' holds no records; give .jsonl / .jsonl.gz / .parquet files or "
                         "hf:NAME[:CONFIG][@SPLIT]")
-    for path in _paths(spec):
+    for path in source_files(spec):
         name = path.name.lower()
         try:
             if _is_jsonl(name):

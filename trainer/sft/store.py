@@ -40,10 +40,10 @@ def fingerprint(spec: str) -> Optional[str]:
     """sha256 over the names and bytes of a local source's files; None for hf: sources (not read twice)."""
     if spec.startswith("hf:"):
         return None
-    from trainer.sources import _paths
+    from trainer.sources import source_files
 
     digest = hashlib.sha256()
-    for path in _paths(spec):
+    for path in source_files(spec):
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
