@@ -97,8 +97,6 @@ def pretrain(config_file, set_, compile_, json_output, **options):
 
 # ---- finetune: pretrain's options (less those that pick data and model) plus its own --------------
 _NOT_FOR_FINETUNE = {"model", "data", "tokenizer", "init_from", "seq_len", "json_output"}
-_FINETUNE_DEFAULTS = {"lr": "2e-5", "min_lr": "2e-6", "warmup_steps": "20", "weight_decay": "0.0",
-                      "eval_every": "100", "save_every": "500", "out": "runs/finetune"}
 
 
 @cli.command(context_settings={"show_default": True})
@@ -118,8 +116,7 @@ def finetune(config_file, set_, compile_, json_output, **options):
     """Instruction-tune a pretrained model: loss on the responses only, same engine, checkpoints and resume as pretrain.
 
     Launch as pretrain: plain python, `deepspeed --num_gpus N --module trainer.cli finetune ...` or torchrun.
-    Defaults that differ from pretrain: lr 2e-5, min-lr 2e-6, warmup 20 steps, weight decay 0, eval every
-    100 steps, save every 500; one epoch.
+    Some defaults differ from pretrain's (a smaller lr, no weight decay, ...): the options show them.
     """
     from trainer import config as train_config
 
@@ -132,19 +129,31 @@ def finetune(config_file, set_, compile_, json_output, **options):
     finetune_module.run(cfg, json_output=json_output)
 
 
-def _inherited(option: click.Parameter) -> click.Parameter:
+def _inherited(option: click.Parameter, defaults: dict) -> click.Parameter:
     """A pretrain option for finetune, its help showing finetune's default where that differs."""
-    if option.name not in _FINETUNE_DEFAULTS:
+    if option.name not in defaults:
         return option
     import copy
     import re
 
     option = copy.copy(option)
-    option.help = re.sub(r"\[default: [^\]]*\]", f"[default: {_FINETUNE_DEFAULTS[option.name]}]", option.help or "")
+    option.help = re.sub(r"\[default: [^\]]*\]", f"[default: {defaults[option.name]}]", option.help or "")
     return option
 
 
-finetune.params[-1:-1] = [_inherited(p) for p in pretrain.params if p.name not in _NOT_FOR_FINETUNE]  # before --json
+def _finetune_defaults() -> dict:
+    """FinetuneConfig's defaults where they differ from TrainConfig's."""
+    import dataclasses
+
+    from trainer.config import FinetuneConfig, TrainConfig
+
+    ours, theirs = FinetuneConfig(), TrainConfig()
+    return {f.name: getattr(ours, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(ours, f.name) != getattr(theirs, f.name)}
+
+
+_defaults = _finetune_defaults()
+finetune.params[-1:-1] = [_inherited(p, _defaults) for p in pretrain.params if p.name not in _NOT_FOR_FINETUNE]  # before --json
 
 
 

@@ -87,8 +87,8 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """A `finetune` run: a TrainConfig with fine-tuning defaults (a small constant-then-decaying LR, no
-    weight decay, one epoch) plus the instruction data's settings (trainer/sft/). The architecture is
+    """A `finetune` run: a TrainConfig with fine-tuning defaults (a small learning rate, no weight decay,
+    one epoch) plus the instruction data's settings (trainer/sft/). The architecture is
     --init-from's, so there is no preset; `seq_len` is --max-seq-len: the training window and the longest
     example; `tokenizer` names the base model's tokenizer when it records none."""
     model: Optional[str] = None                  # the architecture comes from init_from
