@@ -10,7 +10,9 @@ into a model rebuilt from the ModelConfig stored in the checkpoint (so a tied lm
 tied, DeepSpeed issues #1896 / #3824), and written as `model.safetensors` + `config.json`. With
 `--hf` the directory is what `transformers.AutoModelForCausalLM.from_pretrained` loads
 (GPT2LMHeadModel for GPT-2, LlamaForCausalLM for GPT-2.5), and the export is checked by reloading it
-with transformers and comparing logits with ours on a sample.
+with transformers and comparing logits with ours on a sample. A fine-tuned model's chat template goes
+with it: as `chat_template` in tokenizer_config.json (so `pipeline("text-generation")` takes chat
+messages) and as sft_template.json (read by `generate --chat`).
 """
 import json
 import sys
@@ -26,6 +28,7 @@ import torch
 import models
 from trainer import checkpoint
 from trainer.errors import UserError
+from trainer.sft.template import Template, write_template
 
 LOGITS_ATOL = 1e-4  # fp32 both sides; differences are summation order only (measured ~1e-6 on tiny)
 
@@ -75,8 +78,13 @@ def export(path, out_dir, tag: Optional[str] = None, hf: bool = False, log=print
         result.update(_export_hf(model, out, eot_id, log))
     else:
         models.save(model, out)
+    template = Template.from_dict(client["template"]) if client.get("template") else None
+    if template is not None:
+        write_template(out, template)
+        result["chat_template"] = template.name
     if tokenizer_spec:
-        result["tokenizer_files"] = _write_tokenizer(tokenizer_spec, out, model.config.block_size, log)
+        result["tokenizer_files"] = _write_tokenizer(tokenizer_spec, out, model.config.block_size, log,
+                                                     template.jinja() if template else None)
     log(f"wrote {out} ({'Hugging Face ' + result.get('hf_class', '') if hf else 'model.safetensors + config.json'}"
         f", {result['params']:,} parameters, step {result['step']})")
     return result
@@ -120,15 +128,15 @@ def _export_hf(model, out: Path, eot_id: Optional[int], log) -> dict:
     return {"hf_class": type(reloaded).__name__, "logits_max_abs_diff": diff}
 
 
-def _write_tokenizer(spec: str, out: Path, block_size: int, log) -> bool:
-    """Tokenizer files HF loads (encoding as ours, model_max_length = the block size), and the spec our own
-    commands read."""
+def _write_tokenizer(spec: str, out: Path, block_size: int, log, chat_template: Optional[str] = None) -> bool:
+    """Tokenizer files HF loads (encoding as ours, model_max_length = the block size, the chat template), and
+    the spec our own commands read."""
     from trainer.modelio import write_tokenizer_spec
     from trainer.tokenizer import get_tokenizer
 
     write_tokenizer_spec(out, spec)
     try:
-        written = bool(get_tokenizer(spec).save_hf(out, model_max_length=block_size))
+        written = bool(get_tokenizer(spec).save_hf(out, model_max_length=block_size, chat_template=chat_template))
     except Exception as e:  # a missing tokenizer file should not undo a finished export
         log(f"note: tokenizer {spec} not written ({type(e).__name__}: {e})")
         return False

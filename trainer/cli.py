@@ -9,7 +9,7 @@ import os
 
 import click
 
-from trainer.config import DEMO_DEFAULTS, TrainConfig
+from trainer.config import DEMO_DEFAULTS, FinetuneConfig, TrainConfig
 from trainer.optim import SCHEDULES
 
 
@@ -34,16 +34,20 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
-def _default(name: str) -> str:
-    """` [default: X]` from TrainConfig itself (and the demo's value when the demo sets its own)."""
-    value = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+def _default_of(name: str, cls=TrainConfig) -> str:
+    """` [default: X]` from the config class itself (and, for pretrain, the demo's value where it differs)."""
+    value = next(f.default for f in dataclasses.fields(cls) if f.name == name)
     shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-    demo = DEMO_DEFAULTS.get(name)
+    demo = DEMO_DEFAULTS.get(name) if cls is TrainConfig else None
     return f" [default: {shown}" + (f"; the demo: {demo}" if demo not in (None, value) else "") + "]"
 
 
-def training_options(command):
-    """The run options of `pretrain` (TrainConfig fields; a flag overrides the --config YAML)."""
+def training_options(cls=TrainConfig, exclude=()):
+    """A decorator adding the run options (`cls` fields: TrainConfig for pretrain, FinetuneConfig for finetune,
+    with that class's defaults in the help), less the `exclude`d ones; a flag overrides the --config YAML."""
+    def _default(name: str) -> str:
+        return _default_of(name, cls)
+
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML run config; flags override it."),
@@ -111,23 +115,34 @@ def training_options(command):
                      help="TensorBoard / W&B logging." + _default("tracking")),
         click.option("--json", "json_output", is_flag=True, help="Print the final result as one JSON line."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def decorate(command):
+        for option in reversed(options):
+            if _option_name(option) not in exclude:
+                command = option(command)
+        return command
+    return decorate
 
 
-def resolve_training_config(config_file, set_, compile_, options) -> "TrainConfig":
-    """Defaults < YAML < the flags given."""
+def _option_name(option) -> str:
+    """The parameter name a click.option decorator declares."""
+    def probe():
+        pass
+    return option(probe).__click_params__[-1].name
+
+
+def resolve_training_config(config_file, set_, compile_, options, cls=TrainConfig) -> "TrainConfig":
+    """Defaults of `cls` < YAML < the flags given."""
     from trainer import config as train_config
 
     flags = _given(**options, compile=compile_)
     if set_:
         flags["model_overrides"] = train_config.parse_set(set_)
-    return train_config.resolve(config_file, flags)
+    return train_config.resolve(config_file, flags, cls=cls)
 
 
 @cli.command(context_settings={"show_default": True})
-@training_options
+@training_options()
 def pretrain(config_file, set_, compile_, json_output, **options):
     """Pretrain a GPT-2 / GPT-2.5 model with DeepSpeed.
 
@@ -140,6 +155,37 @@ def pretrain(config_file, set_, compile_, json_output, **options):
 
     pretrain_module.run(cfg, json_output=json_output)
 
+
+# ---- finetune: pretrain's options (less those that pick data and model) plus its own --------------
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--init-from", help="The pretrained model: run dir, checkpoint, consolidated or HF model dir, hub name.")
+@click.option("--data", help="Instruction data: .jsonl / .jsonl.gz / .parquet (or a glob), hf:NAME[:CONFIG][@SPLIT], "
+                             "or a dir of tokenized examples (a run's RUN/sft).")
+@click.option("--format", "sft_format", type=click.Choice(["auto", "alpaca", "chat", "prompt-completion"]),
+              help="Record layout: alpaca (instruction/input/output), chat (messages), prompt-completion."
+                   + _default_of("sft_format", FinetuneConfig))
+@click.option("--template", help="Chat template: plain, chatml, alpaca, or a JSON file."
+                                 + _default_of("template", FinetuneConfig))
+@click.option("--max-seq-len", "seq_len", type=int,
+              help="Training window and longest example; longer ones are truncated (counted). "
+                   "[default: the model's block_size]")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack examples into windows, or one padded example each." + _default_of("packing", FinetuneConfig))
+@click.option("--val-fraction", type=float,
+              help="Fraction of records held out for val loss." + _default_of("val_fraction", FinetuneConfig))
+@click.option("--tokenizer", help="Tokenizer spec, only for a base model that records none.")
+@training_options(FinetuneConfig, exclude=("model", "data", "tokenizer", "init_from", "seq_len"))
+def finetune(config_file, set_, compile_, json_output, **options):
+    """Instruction-tune a pretrained model: loss on the responses only, same engine, checkpoints and resume as pretrain.
+
+    Launch as pretrain: plain python, `deepspeed --num_gpus N --module trainer.cli finetune ...` or torchrun.
+    Some defaults differ from pretrain's (a smaller lr, no weight decay, ...): the options show them.
+    """
+    cfg = resolve_training_config(config_file, set_, compile_, options, cls=FinetuneConfig)
+    from trainer import finetune as finetune_module  # heavy imports only once the options are valid
+
+    finetune_module.run(cfg, json_output=json_output)
 
 
 @cli.command("estimate-memory", context_settings={"show_default": True})
@@ -271,6 +317,10 @@ def eval_harness(json_output, **options):
 @compute_options
 @click.option("--cache/--no-cache", "use_cache", default=True, help="Use the KV cache.")
 @click.option("--stop-at-eot/--no-stop-at-eot", default=True, help="Stop a sample at end-of-text.")
+@click.option("--chat", is_flag=True,
+              help="Apply the fine-tuned model's chat template to --prompt; stop at its end marker.")
+@click.option("--template", help="Chat template to apply (plain, chatml, alpaca or a JSON file); implies --chat.")
+@click.option("--system", help="A system message before --prompt (with --chat).")
 @click.option("--json", "json_output", is_flag=True, help="Print {prompt, samples} as one JSON line (no streaming).")
 def generate(json_output, **options):
     """Sample text from a model, streamed to stdout."""

@@ -86,6 +86,26 @@ class TrainConfig:
         return cls(**values)
 
 
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A `finetune` run: a TrainConfig with fine-tuning defaults (a small learning rate, no weight decay,
+    one epoch) plus the instruction data's settings (trainer/sft/). The architecture is
+    --init-from's, so there is no preset; `seq_len` is --max-seq-len: the training window and the longest
+    example; `tokenizer` names the base model's tokenizer when it records none."""
+    model: Optional[str] = None                  # the architecture comes from init_from
+    out: str = "runs/finetune"
+    lr: float = 2e-5
+    min_lr: float = 2e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    save_every: int = 500
+    sft_format: str = "auto"                     # auto | alpaca | chat | prompt-completion
+    template: str = "plain"                      # a built-in template name or a JSON file (trainer/sft/template.py)
+    packing: bool = True                         # pack examples into windows (else one example per window, padded)
+    val_fraction: float = 0.05                   # records held out for val loss
+
+
 def load_yaml(path: str) -> dict:
     """Read a run config YAML into a dict of TrainConfig fields (dashes allowed in keys)."""
     file = Path(path)
@@ -100,8 +120,9 @@ def load_yaml(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def resolve(yaml_path: Optional[str], flags: dict) -> TrainConfig:
-    """Defaults < YAML < flags. `flags` holds only the options the user actually passed."""
+def resolve(yaml_path: Optional[str], flags: dict, cls=TrainConfig) -> TrainConfig:
+    """Defaults < YAML < flags. `flags` holds only the options the user actually passed; `cls` is the config
+    class whose defaults apply (TrainConfig, or FinetuneConfig for `finetune`)."""
     values = load_yaml(yaml_path) if yaml_path else {}
     overrides = dict(values.pop("model_overrides", None) or values.pop("set", None) or {})
     overrides.update(flags.pop("model_overrides", {}) or {})
@@ -111,9 +132,9 @@ def resolve(yaml_path: Optional[str], flags: dict) -> TrainConfig:
         values.pop("global_batch_tokens", None)
     values.update(flags)
     values["model_overrides"] = overrides
-    if values.get("data") is None:
+    if values.get("data") is None and cls is TrainConfig:
         values = {**DEMO_DEFAULTS, **values}
-    config = TrainConfig.from_dict(values)
+    config = cls.from_dict(values)
     validate(config)
     return config
 

@@ -138,6 +138,28 @@ class Dataset:
                                 "the dataset is incomplete or mixed up, re-create it")
         return cls(path, meta, train, val)
 
+    # ---- the data-source interface the training loop uses (trainer/pretrain.py; fine-tuning: trainer/sft/data.py)
+
+    def train_stream(self, seq_len: int, global_batch: int, seed: int) -> "TrainStream":
+        return TrainStream(self, seq_len, global_batch, seed)
+
+    def val_stream(self, seq_len: int, batch_size: int) -> "ValStream":
+        return ValStream(self, seq_len, batch_size)
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.train_tokens:,} train tokens, tokenizer {self.tokenizer_spec})"
+
+    def client_state(self) -> dict:
+        """What checkpoints record about the data besides the tokenizer: nothing more for shards."""
+        return {}
+
+    def summary(self) -> dict:
+        """Counts for the run's result line: none for shards."""
+        return {}
+
+    def record_in(self, run_dir) -> None:
+        """Shards stay where they are; nothing to write into the run directory."""
+
     def train_tokens_array(self) -> np.ndarray:
         return _concat(self.train_shards)
 
@@ -168,7 +190,8 @@ class _Windows:
 
 
 @lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded permutation of n items that epoch `epoch` visits them in (shared by every stream)."""
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
@@ -185,7 +208,7 @@ class TrainStream:
 
     def sample(self, index: int) -> np.ndarray:
         epoch, position = divmod(index, self.samples_per_epoch)
-        return self.windows.get(int(_permutation(self.seed, epoch, self.samples_per_epoch)[position]))
+        return self.windows.get(int(epoch_order(self.seed, epoch, self.samples_per_epoch)[position]))
 
     def local_batch(self, cursor: int, rank: int, world: int):
         """Rank `rank`'s contiguous slice of the global batch starting at sample `cursor`."""
@@ -195,6 +218,10 @@ class TrainStream:
         first = cursor + rank * per_rank
         rows = np.stack([self.sample(i) for i in range(first, first + per_rank)])
         return _to_inputs_targets(rows)
+
+    def scored_targets(self, cursor: int) -> None:
+        """None: every target is scored, so each micro-batch's mean loss is already its share of the batch mean."""
+        return None
 
 
 class ValStream:

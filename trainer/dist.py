@@ -99,3 +99,12 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if _several_ranks():
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's `obj` on every rank (pickled; for things made once, such as tokenized data)."""
+    if not _several_ranks():
+        return obj
+    box = [obj if rank() == src else None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

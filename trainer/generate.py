@@ -6,6 +6,10 @@ step feeds one token. When the cache is full (prompt + generated reaches block_s
 further step re-fills it from the last block_size tokens, which is exactly what the plain path
 computes. Sampling draws on the CPU from fp32 probabilities with a generator seeded per sample
 (seed + i), so sample i of `--seed S` equals sample 0 of `--seed S+i`.
+
+`--chat` (or `--template`) generates a reply of a fine-tuned model: the prompt is one user message (after
+a `--system` message, if any) in the model's chat template (trainer/sft/template.py), encoded as in
+training, and the sample ends at the template's end marker (or end-of-text), which is not shown.
 """
 import json
 import sys
@@ -34,6 +38,9 @@ class GenerateConfig:
     tokenizer: Optional[str] = None
     use_cache: bool = True
     stop_at_eot: bool = True
+    chat: bool = False
+    template: Optional[str] = None
+    system: Optional[str] = None
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -111,32 +118,76 @@ def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int], prom
     return tokenizer.decode(list(new_ids))
 
 
+def until_stop(text: str, stop: Optional[str]) -> tuple[str, bool]:
+    """(the text before `stop`, whether it appeared). Until it does, a tail that may still become it, and the
+    whitespace before that tail, are held back (templates put a newline before their end marker)."""
+    if not stop:
+        return text, False
+    at = text.find(stop)
+    if at >= 0:
+        return text[:at].rstrip(), True
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            text = text[:-k]
+            break
+    return text.rstrip(), False
+
+
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
            seed: int = 1337, use_cache: bool = True, stop_at_eot: bool = True,
-           on_text: Optional[Callable[[str], None]] = None) -> str:
-    """One continuation of `prompt` (text without the prompt); `on_text` receives it piece by piece."""
+           on_text: Optional[Callable[[str], None]] = None, prompt_ids: Optional[list[int]] = None,
+           stop: Optional[str] = None) -> str:
+    """One continuation of `prompt` (text without the prompt); `on_text` receives it piece by piece.
+
+    prompt_ids: the prompt already encoded (a chat template's; `prompt` is then not used). stop: text that
+    ends the sample (a template's end marker); the sample is what comes before it.
+    """
     check_sampling(temperature, top_k, top_p)
-    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    if prompt_ids is None:
+        prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+        prompt_text = tokenizer.decode(prompt_ids) if prompt else ""
+        base_ids = prompt_ids if prompt else []
+    else:
+        prompt_text, base_ids = tokenizer.decode(prompt_ids), prompt_ids
     if len(prompt_ids) > model.config.block_size:
         # Only the last block_size tokens can be seen anyway; say so rather than silently dropping text.
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last "
               f"{model.config.block_size}", file=sys.stderr)
-    prompt_text = tokenizer.decode(prompt_ids) if prompt else ""
-    base_ids = prompt_ids if prompt else []
     generator = torch.Generator().manual_seed(seed)
     new_ids, shown = [], ""
     for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                               tokenizer.eot_id if stop_at_eot else None, generator, use_cache):
         new_ids.append(token)
-        if on_text is not None:
-            text = continuation_text(tokenizer, base_ids, new_ids, prompt_text)
-            if not text.endswith("\ufffd") and text.startswith(shown):  # wait for a whole UTF-8 character
-                on_text(text[len(shown):])
-                shown = text
+        if on_text is None and stop is None:
+            continue
+        text, finished = until_stop(continuation_text(tokenizer, base_ids, new_ids, prompt_text), stop)
+        if on_text is not None and not text.endswith("\ufffd") and text.startswith(shown):  # whole UTF-8 characters
+            on_text(text[len(shown):])
+            shown = text
+        if finished:
+            break
     text = continuation_text(tokenizer, base_ids, new_ids, prompt_text)
+    before, finished = until_stop(text, stop)
+    text = before if finished else text
     if on_text is not None and text.startswith(shown) and len(text) > len(shown):
         on_text(text[len(shown):])
     return text
+
+
+def chat_template(cfg: GenerateConfig, info: dict):
+    """The template --chat / --template asks for (--template, else the one recorded with the model), or None."""
+    from trainer.sft.template import Template, load_template
+
+    if cfg.template:
+        return load_template(cfg.template)
+    if not cfg.chat:
+        if cfg.system:
+            raise UserError("--system is a chat message: pass --chat (or --template) too")
+        return None
+    if info.get("template"):
+        return Template.from_dict(info["template"], where=f"the chat template recorded with {cfg.model_path}")
+    raise UserError(f"--chat: {cfg.model_path} records no chat template (it was not fine-tuned with `finetune`); "
+                    "name one with --template plain (or chatml, alpaca, a JSON file)")
 
 
 def run(cfg: GenerateConfig, json_output: bool = False) -> dict:
@@ -154,6 +205,12 @@ def run(cfg: GenerateConfig, json_output: bool = False) -> dict:
     model, spec, info = modelio.load_model(cfg.model_path, device=device, dtype=resolve_dtype(cfg.dtype, device),
                                            tokenizer=cfg.tokenizer)
     tokenizer = modelio.require_tokenizer(spec, cfg.model_path)
+    template = chat_template(cfg, info)
+    prompt_ids = None
+    if template is not None:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
+            [{"role": "user", "content": cfg.prompt}]
+        prompt_ids = template.prompt_ids(tokenizer, messages)
     stream = dist.is_main() and not json_output
 
     def emit(text: str) -> None:
@@ -165,14 +222,18 @@ def run(cfg: GenerateConfig, json_output: bool = False) -> dict:
         if stream:
             if cfg.num_samples > 1:
                 emit(f"{'-' * 20} sample {i + 1}/{cfg.num_samples} {'-' * 20}\n")
-            emit(cfg.prompt)
+            if template is None:  # a chat reply is shown alone
+                emit(cfg.prompt)
         samples.append(sample(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                               cfg.top_p, cfg.seed + i, cfg.use_cache, cfg.stop_at_eot,
-                              on_text=emit if stream else None))
+                              on_text=emit if stream else None, prompt_ids=prompt_ids,
+                              stop=template.stop if template else None))
         if stream:
             emit("\n")
     result = {"prompt": cfg.prompt, "samples": samples, "model": info["path"], "tokenizer": tokenizer.spec,
               "seed": cfg.seed, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    if template is not None:
+        result.update(template=template.name, system=cfg.system)
     if dist.is_main() and json_output:
         print(json.dumps(result), flush=True)
     return result

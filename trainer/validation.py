@@ -1,10 +1,12 @@
-"""Validation loss during training: the fixed first batches of the validation shards, scored with the
+"""Validation loss during training: the fixed first batches of the validation data, scored with the
 model's own loss through the DeepSpeed engine (so ZeRO-3's gathered weights and the training
-precision are what gets scored), token-weighted over all ranks."""
+precision are what gets scored), token-weighted over all ranks: the mean over every scored target
+(fine-tuning masks prompts and padding with IGNORE_INDEX; they count for nothing)."""
 import torch
 
 from trainer import dist
 from trainer.data import ValStream
+from trainer.loss import IGNORE_INDEX
 
 
 def validation_loss(engine, val: ValStream, n_batches: int, device) -> float:
@@ -17,7 +19,7 @@ def validation_loss(engine, val: ValStream, n_batches: int, device) -> float:
             loss = engine(x.to(device), y.to(device), reduction="sum").double()
             if b is not None:  # a padding forward (see dist.rank_share) scores nothing
                 total[0] += loss
-                total[1] += y.numel()
+                total[1] += (y != IGNORE_INDEX).sum()
     engine.train()
     dist.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
