@@ -192,7 +192,9 @@ def bucket_bytes(ds: DSSetup, n_params: int) -> int:
     Stage 3 reduces through one bucket of at most the model's size."""
     if ds.stage in (1, 2):
         n = (2 if ds.overlap_comm else 1) if ds.contiguous_gradients else 0
-        return n * ds.reduce_bucket_size * ds.grad_bytes
+        # ZeRO-2 reduces in the model dtype and adds into an fp32 partition when accumulating in fp32
+        # (stage_1_and_2.py: use_grad_accum_attribute is off when gradients are partitioned).
+        return n * ds.reduce_bucket_size * (ds.dtype_bytes if ds.stage == 2 else ds.grad_bytes)
     if ds.stage == 3:
         return min(ds.reduce_bucket_size, n_params) * ds.grad_bytes
     return 0
