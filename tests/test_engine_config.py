@@ -83,3 +83,12 @@ def test_precision_is_read_the_way_deepspeed_reads_it(bf16, bfloat16, fp16, pres
 
 def test_the_older_bfloat16_spelling_is_bf16():
     assert ds_config.precision({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}) == "bf16"
+
+
+@pytest.mark.parametrize("name, dtype", [("zero2_bf16", "fp32"), ("zero2_offload_bf16", "fp32"), ("zero3_bf16", "fp32"),
+                                         ("zero1_bf16", None), ("zero0_bf16", None)])
+def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_allows(name, dtype):
+    """Read the way DeepSpeed reads it (None: the model's dtype, bf16)."""
+    from deepspeed.runtime.config import get_data_types_params
+
+    assert get_data_types_params(ds_config.load_ds_config(name)).get("grad_accum_dtype") == dtype
