@@ -12,6 +12,23 @@ def data(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def no_engine(monkeypatch, tmp_path):
+    """An in-process pretrain / finetune that must fail before training: no process group, reaching the
+    DeepSpeed engine fails the test; the working directory is a fresh scratch dir (returned)."""
+    from trainer import engine
+
+    def trap(*args, **kwargs):
+        raise AssertionError("bad input reached deepspeed.initialize")
+
+    monkeypatch.setattr(engine, "init_distributed", lambda: None)
+    monkeypatch.setattr(engine, "initialize", trap)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _remove_shm_buffers():
     """deepspeed_allreduce_buffer_* files (~69 MB per rank) outlive even clean exits; a killed run's certainly do."""

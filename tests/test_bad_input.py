@@ -133,22 +133,6 @@ PRETRAIN = [
 ]
 
 
-@pytest.fixture
-def no_engine(monkeypatch, tmp_path):
-    """In-process pretrain: no process group, no engine (reaching it fails the test), cwd a scratch dir."""
-    from trainer import engine
-
-    def trap(*args, **kwargs):
-        raise AssertionError("bad input reached deepspeed.initialize")
-
-    monkeypatch.setattr(engine, "init_distributed", lambda: None)
-    monkeypatch.setattr(engine, "initialize", trap)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
-
-
 def assert_one_line_error(result, fragment: str):
     assert result.exit_code not in (0, None), result.output
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"  # no traceback

@@ -181,19 +181,6 @@ def test_a_paused_run_resumes_bitwise_from_its_own_examples(run, gpt2_base, sft_
 
 # ---- bad input ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_engine(monkeypatch, tmp_path):
-    """In-process finetune: no process group, and reaching the DeepSpeed engine fails the test."""
-    from trainer import engine
-
-    def trap(*args, **kwargs):
-        raise AssertionError("bad input reached deepspeed.initialize")
-
-    monkeypatch.setattr(engine, "init_distributed", lambda: None)
-    monkeypatch.setattr(engine, "initialize", trap)
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.fixture(scope="module")
 def bytes_base(tmp_path_factory):
     """A consolidated byte-level model (block 128) that records its tokenizer, and one that records none."""
