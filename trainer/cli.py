@@ -59,6 +59,10 @@ def _given(**options) -> dict:
 @click.option("--beta2", type=float, help="Adam beta2. [default: 0.95]")
 @click.option("--eps", type=float, help="Adam epsilon. [default: 1e-8]")
 @click.option("--grad-clip", type=float, help="Clip the global gradient norm (0 = off). [default: 1.0]")
+@click.option("--muon-lr", type=float,
+              help="Muon's peak rate (Muon ds-configs; --lr is then the AdamW rate). [default: 0.02]")
+@click.option("--muon-momentum", type=float, help="Muon's momentum. [default: 0.95]")
+@click.option("--muon-weight-decay", type=float, help="Muon's decoupled weight decay. [default: 0.0]")
 @click.option("--seed", type=int, help="Seed for weights and data order. [default: 1337]")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
               help="Recompute block activations in backward to save memory. [default: off]")

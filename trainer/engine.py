@@ -84,7 +84,8 @@ def _claim(section: dict, key: str, value, where: str, flag: str) -> None:
 
 
 def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
-                    lr: float, betas: tuple, eps: float, weight_decay: float) -> dict:
+                    lr: float, betas: tuple, eps: float, weight_decay: float, muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95) -> dict:
     """Return a copy of `base` with the trainer-owned numbers written in (or an error on conflict)."""
     config = json.loads(json.dumps(base))
     if "scheduler" in config:
@@ -99,7 +100,44 @@ def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size
     for key, value, flag in (("lr", lr, "--lr"), ("betas", list(betas), "--beta1/--beta2"), ("eps", eps, "--eps"),
                              ("weight_decay", weight_decay, "--weight-decay")):
         _claim(params, key, value, "optimizer.params.", flag)
+    if uses_muon(config):
+        _check_muon(config, grad_clip)
+        for key, value, flag in (("muon_lr", muon_lr, "--muon-lr"), ("adam_lr", lr, "--lr"),
+                                 ("momentum", muon_momentum, "--muon-momentum")):
+            _claim(params, key, value, "optimizer.params.", flag)
     return config
+
+
+def optimizer_type(config: dict) -> str:
+    """The JSON's optimizer type, lower case as DeepSpeed reads it (AdamW when the JSON names none)."""
+    return str((config.get("optimizer") or {}).get("type", "AdamW")).lower()
+
+
+def uses_muon(config: dict) -> bool:
+    """The JSON picks DeepSpeed's Muon (hidden matrices) with its auxiliary AdamW (everything else)."""
+    return optimizer_type(config) == "muon"
+
+
+def muon_update_in_grad_norm(config: dict) -> bool:
+    """True where DeepSpeed 0.19 puts Muon's orthogonalized update, not the gradient, into the global
+    gradient norm: ZeRO-1/2/3 run Newton-Schulz while they partition the reduced gradients, and then
+    measure and clip what is left in the gradient buffers (ZeRO-0 clips the raw gradients first; see
+    bench/upstream_muon_clipping.md). That norm is then no gradient norm, and a clip by it shrinks
+    every Muon step (about 60x at 4 layers x 128)."""
+    return uses_muon(config) and zero_stage(config) >= 1
+
+
+def _check_muon(config: dict, grad_clip: float) -> None:
+    """Refuse the Muon combinations that do not train correctly."""
+    stage = zero_stage(config)
+    if grad_clip and muon_update_in_grad_norm(config):
+        raise UserError(f"Muon under ZeRO-{stage} with --grad-clip {grad_clip}: DeepSpeed clips Muon's "
+                        "orthogonalized update there instead of the gradient, which shrinks every step and the run "
+                        "barely learns. Pass --grad-clip 0 (Muon's updates are normalized by construction), or use "
+                        "ZeRO-0 (ds_configs/zero0_muon_bf16.json), which clips the raw gradients")
+    if offloads_optimizer(config):
+        raise UserError("Muon with offload_optimizer is not supported: remove offload_optimizer from the JSON or use "
+                        "an AdamW config (ds_configs/zero2_offload_bf16.json)")
 
 
 def zero_stage(config: dict) -> int:
@@ -181,12 +219,46 @@ def check_precision_supported(config: dict) -> None:
 
 
 def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
-    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py)."""
+    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py).
+    With Muon, each group's `use_muon` says which optimizer updates its parameters."""
     import deepspeed
 
     check_precision_supported(ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    if uses_muon(ds_config):
+        built = [bool(g.get("use_muon")) for g in engine.optimizer.param_groups]
+        if built != [g["use_muon"] for g in param_groups]:
+            raise RuntimeError(f"DeepSpeed built Muon groups {built}, expected {[g['use_muon'] for g in param_groups]}")
     return engine
+
+
+@contextlib.contextmanager
+def _muon_tags(deepspeed, param_groups):
+    """Our Muon tags, applied right after DeepSpeed's own.
+
+    deepspeed.initialize tags every parameter itself (`set_optimizer_flags`: Muon for any 2-D weight
+    whose name lacks "embed" and "lm_head"), overwriting tags set before, and then splits the groups
+    by those tags. GPT-2's embeddings are named `wte` / `wpe`, so they would get Muon, and with tied
+    embeddings so would the head. Wrapping that one function is the only place between the two.
+    """
+    tags = {id(p): group["use_muon"] for group in param_groups for p in group["params"]}
+    if not tags:
+        yield
+        return
+    original = deepspeed.set_optimizer_flags
+
+    def tag(config_class, model):
+        original(config_class, model)
+        for param in model.parameters():
+            if id(param) in tags:
+                param.use_muon = tags[id(param)]
+
+    deepspeed.set_optimizer_flags = tag
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = original
 
 
 def compile_model(engine) -> None:

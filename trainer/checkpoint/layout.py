@@ -26,7 +26,8 @@ def engine_layout(engine) -> dict:
     """How a live engine partitions its state: what a checkpoint must match to load natively."""
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     return {"world_size": dist.world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-            "precision": precision, "offload": bool(engine.zero_use_cpu_optimizer())}
+            "precision": precision, "offload": bool(engine.zero_use_cpu_optimizer()),
+            "optimizer": str(engine.optimizer_name()).lower()}
 
 
 def config_layout(world_size: int, ds_config: dict) -> dict:
@@ -34,7 +35,8 @@ def config_layout(world_size: int, ds_config: dict) -> dict:
     from trainer import engine as ds_engine
 
     return {"world_size": world_size, "zero_stage": ds_engine.zero_stage(ds_config),
-            "precision": ds_engine.precision(ds_config), "offload": ds_engine.offloads_optimizer(ds_config)}
+            "precision": ds_engine.precision(ds_config), "offload": ds_engine.offloads_optimizer(ds_config),
+            "optimizer": ds_engine.optimizer_type(ds_config)}
 
 
 def _describe(layout: dict) -> str:
@@ -44,9 +46,11 @@ def _describe(layout: dict) -> str:
 
 
 def saved_layout(ckpt: Path) -> dict:
-    """The layout a checkpoint was written under, from its marker (older markers lack precision/offload)."""
+    """The layout a checkpoint was written under, from its marker (older markers lack precision/offload, and
+    the optimizer: they were all AdamW)."""
     marker = read_marker(ckpt)
-    return {k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload") if k in marker}
+    return {"optimizer": "adamw", **{k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload",
+                                                             "optimizer") if k in marker}}
 
 
 def needs_conversion(ckpt: Path, world_size: int, ds_config: dict) -> bool:
@@ -70,9 +74,13 @@ def prepare_resume(ckpt: Path, world_size: int, ds_config: dict, global_batch: O
         raise UserError(f"{ckpt} was trained with a global batch of {saved} sequences, this run would use "
                         f"{global_batch}; pass --global-batch {saved} so the data order and the optimizer "
                         "continue as before (accumulation adapts to the number of ranks)")
+    saved, now = saved_layout(ckpt), config_layout(world_size, ds_config)
+    if saved["optimizer"] != now["optimizer"]:
+        raise UserError(f"checkpoint {ckpt.name} was trained with the {saved['optimizer']} optimizer and this run's "
+                        f"DeepSpeed config uses {now['optimizer']}: their states do not convert. Resume with a "
+                        f"{saved['optimizer']} config, or start a new run from its weights with --init-from {ckpt}")
     if not needs_conversion(ckpt, world_size, ds_config):
         return ckpt, ds_config
-    saved, now = saved_layout(ckpt), config_layout(world_size, ds_config)
     if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
         return _prepare_stage0(ckpt, saved, now, ds_config)
     if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
