@@ -128,16 +128,14 @@ def muon_update_in_grad_norm(config: dict) -> bool:
 
 
 def _check_muon(config: dict, grad_clip: float) -> None:
-    """Refuse the Muon combinations that do not train correctly."""
+    """Refuse the Muon combination that does not train correctly (ZeRO-2 with offload_optimizer is one of the
+    ZeRO-1/2/3 cases: it orthogonalizes before its clip too)."""
     stage = zero_stage(config)
     if grad_clip and muon_update_in_grad_norm(config):
         raise UserError(f"Muon under ZeRO-{stage} with --grad-clip {grad_clip}: DeepSpeed clips Muon's "
                         "orthogonalized update there instead of the gradient, which shrinks every step and the run "
                         "barely learns. Pass --grad-clip 0 (Muon's updates are normalized by construction), or use "
                         "ZeRO-0 (ds_configs/zero0_muon_bf16.json), which clips the raw gradients")
-    if offloads_optimizer(config):
-        raise UserError("Muon with offload_optimizer is not supported: remove offload_optimizer from the JSON or use "
-                        "an AdamW config (ds_configs/zero2_offload_bf16.json)")
 
 
 def zero_stage(config: dict) -> int:

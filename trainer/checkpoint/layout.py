@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from trainer import dist
+from trainer.checkpoint import muon_universal
 from trainer.checkpoint.store import UNIVERSAL, is_complete, read_marker, write_marker
 from trainer.errors import UserError, describe
 
@@ -95,6 +96,9 @@ def prepare_resume(ckpt: Path, world_size: int, ds_config: dict, global_batch: O
     universal = convert_to_universal(ckpt)
     dist.print0(f"checkpoint {ckpt.name} was saved under {_describe(saved)}, resuming under {_describe(now)}: "
                 f"loading DeepSpeed's universal checkpoint {universal}")
+    if saved["optimizer"] == "muon":
+        dist.print0("note: Muon's momentum restarts from zero (DeepSpeed's universal checkpoint has no place for it; "
+                    "the weights, AdamW's moments and the step carry over)")
     ds_config = json.loads(json.dumps(ds_config))
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return universal, ds_config
@@ -138,16 +142,23 @@ def _run_ds_to_universal(ckpt: Path, out: Path) -> Optional[str]:
     tmp = ckpt / (UNIVERSAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    args = Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+    muon = saved_layout(ckpt)["optimizer"] == "muon"
+    source = muon_universal.placeholder_copy(ckpt) if muon else ckpt
+    args = Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # its progress goes to the log, not to our stdout / --json
             ds_to_universal.main(args)
+        if muon:
+            muon_universal.drop_placeholders(tmp, read_marker(ckpt)["model_config"])
     except Exception as e:  # DeepSpeed raises asserts and bare exceptions here: turn them into one line
         shutil.rmtree(tmp, ignore_errors=True)
         return (f"DeepSpeed could not convert {ckpt} to a universal checkpoint ({describe(e)}); resume it with "
                 "the ZeRO config and rank count it was saved under")
+    finally:
+        if muon:
+            shutil.rmtree(source, ignore_errors=True)
     (tmp / "convert.log").write_text(log.getvalue())
     # ds_to_universal names the output folder in a `latest_universal` file beside it; ours is found by path.
     (ckpt / "latest_universal").unlink(missing_ok=True)
