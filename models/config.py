@@ -32,6 +32,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     padded_vocab_size: Optional[int] = None  # embedding/head rows, >= vocab_size (e.g. 50304); logits stay vocab_size
     activation_checkpointing: bool = False
+    # Options from the modded-nanogpt speedrun (bench/sample_efficiency.py measures them); off in the GPT-2 / 2.5 presets.
+    qk_norm: bool = False            # RMSNorm on each head's queries and keys, before RoPE (as Qwen3)
+    relu_squared: bool = False       # relu(x)^2 in the MLP in place of GELU (gelu) or SiLU (swiglu)
+    zero_init_proj: bool = False     # attention and MLP output projections start at zero
+    logit_softcap: float = 0.0       # logits = logit_softcap * tanh(logits / logit_softcap); 0 = off
 
     def __post_init__(self):
         def check(ok, message):
@@ -46,6 +51,7 @@ class ModelConfig:
             check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.logit_softcap >= 0, f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
         if self.pos_emb == "rope" and not self.rotary_dim:
             self.rotary_dim = self.head_dim
         check(self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.head_dim,

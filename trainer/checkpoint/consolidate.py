@@ -21,9 +21,9 @@ _DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "froze
                    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
                    "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                    "checkpoint_parallel_dimensions", "ds_config", "ds_version", "sparse_tensor_module_names"}
-# ModelConfig fields that are training switches, not architecture: they may differ between a checkpoint and
-# the model it is loaded into.
-NOT_ARCHITECTURE = ("dropout", "activation_checkpointing")
+# ModelConfig fields that are training switches or initialisation, not architecture: they may differ between a
+# checkpoint and the model it is loaded into.
+NOT_ARCHITECTURE = ("dropout", "activation_checkpointing", "zero_init_proj")
 
 
 def architecture_differences(saved: dict, mine: dict, tolerate: tuple = ()) -> list[tuple]:
