@@ -61,3 +61,14 @@ def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
     out = run_bench([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                      str(free_port()), str(BENCH), "--model", "tiny", *SHAPE], tmp_path)
     check(out, 2, "GPT2LMHeadModel")
+
+
+def test_sample_efficiency_reads_the_tokens_where_a_curve_crosses_the_target():
+    """bench/sample_efficiency.py's headline number: interpolated between evaluations, None if never reached."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sample_efficiency import tokens_to_reach
+
+    curve = [(100, 3.0), (200, 2.5), (300, 2.0)]
+    assert tokens_to_reach(curve, 2.25) == pytest.approx(250)
+    assert tokens_to_reach(curve, 3.5) == 100 and tokens_to_reach(curve, 2.0) == 300
+    assert tokens_to_reach(curve, 1.9) is None

@@ -89,3 +89,12 @@ def test_export_round_trips_through_save_pretrained(tmp_path):
 def test_unexportable_combinations_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         hf.hf_config(get_config("tiny", **overrides))
+
+
+def test_every_preset_exports():
+    """Each preset, the speedrun one included, has a transformers class (tiny-size parity is tested above)."""
+    import models
+
+    families = {name: hf.hf_family(get_config(name)) for name in models.list_configs()}
+    assert families["gpt25-speedrun"] == "qwen3" and families["gpt25"] == "llama" and families["gpt2"] == "gpt2"
+    assert set(families.values()) == {"gpt2", "llama", "qwen3"}

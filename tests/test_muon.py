@@ -146,6 +146,8 @@ def session(data, ref2, tmp_path_factory):
     runs += [("z0_ref", [*bf16, "--out", str(tmp / "z0_ref")]),
              ("z0_resumed", [*bf16, "--out", str(tmp / "z0_resumed"),
                              "--resume", str(tmp / "z0_ref" / "checkpoints" / f"step_{PAUSE:07d}")]),
+             ("z0_new_muon_lr", [*bf16, "--out", str(tmp / "z0_new_muon_lr"), "--muon-lr", "0.01",
+                                 "--resume", str(tmp / "z0_ref" / "checkpoints" / f"step_{PAUSE:07d}")]),
              ("universal", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero1_muon_bf16", "--grad-clip", "0",
                             "--out", str(tmp / "universal"), "--resume", str(ref2 / "checkpoints" / f"step_{PAUSE:07d}")]),
              ("clip_refused", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero2_muon_bf16",
@@ -264,6 +266,20 @@ def test_zero0_pause_and_resume_is_bitwise(session):
     for key in ("loss", "lr", "muon_lr", "grad_norm"):
         assert curve(resumed, key) == curve(ref, key)[PAUSE:], key
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed, 9).values(), weights(ref, 9).values()))
+
+
+def test_both_rates_follow_one_schedule_and_a_changed_muon_lr_applies_on_resume(session):
+    """lr and muon_lr are the same warmup + cosine (written out here, not taken from trainer/optim.py), scaled
+    to --lr and --muon-lr; resuming with another --muon-lr changes Muon's rate from the next step on."""
+    from tests.test_nan import cosine_lr
+
+    def rate(step, peak):
+        return cosine_lr(step, max_lr=peak, min_lr=3e-4 * peak / 3e-3, warmup=2, total=9)
+
+    assert curve(session["z0_ref"], "lr") == pytest.approx([rate(s, 3e-3) for s in range(9)])
+    assert curve(session["z0_ref"], "muon_lr") == pytest.approx([rate(s, 0.02) for s in range(9)])
+    assert curve(session["z0_new_muon_lr"], "muon_lr") == pytest.approx([rate(s, 0.01) for s in range(PAUSE, 9)])
+    assert curve(session["z0_new_muon_lr"], "lr") == curve(session["z0_ref"], "lr")[PAUSE:]
 
 
 def test_zero2_two_ranks_pause_and_resume_is_bitwise(data, ref2, tmp_path):

@@ -122,7 +122,7 @@ def muon_update_in_grad_norm(config: dict) -> bool:
     """True where DeepSpeed 0.19 puts Muon's orthogonalized update, not the gradient, into the global
     gradient norm: ZeRO-1/2/3 run Newton-Schulz while they partition the reduced gradients, and then
     measure and clip what is left in the gradient buffers (ZeRO-0 clips the raw gradients first; see
-    bench/upstream_muon_clipping.md). That norm is then no gradient norm, and a clip by it shrinks
+    bench/upstream_muon.md). That norm is then no gradient norm, and a clip by it shrinks
     every Muon step (about 60x at 4 layers x 128)."""
     return uses_muon(config) and zero_stage(config) >= 1
 
@@ -240,6 +240,8 @@ def _muon_tags(deepspeed, param_groups):
     by those tags. GPT-2's embeddings are named `wte` / `wpe`, so they would get Muon, and with tied
     embeddings so would the head. Wrapping that one function is the only place between the two.
     """
+    if any("use_muon" not in group for group in param_groups):
+        raise ValueError("a Muon config needs the parameter groups of trainer.optim.param_groups(..., muon=True)")
     tags = {id(p): group["use_muon"] for group in param_groups for p in group["params"]}
     if not tags:
         yield
