@@ -57,7 +57,7 @@ RECIPES = {
     "gpt25-speedrun": dict(
         train=dict(model="gpt25-speedrun", ds_config="zero2_muon_bf16", global_batch_tokens=524_288, seq_len=1024,
                    schedule="wsd", decay_frac=0.3, grad_clip=0.0, muon_momentum=0.95, weight_decay=0.0),
-        arch=dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, tie_embeddings=False, qk_norm=True),
+        arch=dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qk_norm=True),
         source=("HuggingFaceFW/fineweb", "sample-10BT"), tokenizer="gpt2", result=None),
 }
 # Tiny size for CPU: width 128 with 2 heads keeps head_dim 64, so rotary_dim 32 stays valid.
