@@ -113,10 +113,8 @@ def build_model(impl: str, cfg, activation_checkpointing: bool):
         model = models.GPT(cfg)
         model.set_activation_checkpointing(activation_checkpointing)
         return model, type(model).__name__
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-
     hf_cfg = hf.hf_config(cfg)
-    cls = GPT2LMHeadModel if hf.hf_family(cfg) == "gpt2" else LlamaForCausalLM
+    cls = hf.hf_class(cfg)
     model = cls._from_config(hf_cfg, attn_implementation="sdpa")
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

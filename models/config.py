@@ -32,6 +32,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     padded_vocab_size: Optional[int] = None  # embedding/head rows, >= vocab_size (e.g. 50304); logits stay vocab_size
+    # Options from the modded-nanogpt speedrun (bench/sample_efficiency.py measures them); off in the GPT-2 / 2.5
+    # presets.
+    qk_norm: bool = False            # RMSNorm on each head's queries and keys, before RoPE (as Qwen3)
+    relu_squared: bool = False       # relu(x)^2 in the MLP in place of GELU (gelu) or SiLU (swiglu)
+    zero_init_proj: bool = False     # attention and MLP output projections start at zero
+    logit_softcap: float = 0.0       # logits = logit_softcap * tanh(logits / logit_softcap); 0 = off
 
     def __post_init__(self):
         def check(ok, message):
@@ -46,6 +52,7 @@ class ModelConfig:
             check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.logit_softcap >= 0, f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
         if self.pos_emb == "rope" and not self.rotary_dim:
             self.rotary_dim = self.head_dim
         check(self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.head_dim,
@@ -93,6 +100,11 @@ PRESETS = {
     "gpt25": dict(GPT25, n_layer=12, n_head=12, n_embd=768),           # 123,551,232 (SwiGLU hidden 2048)
     "gpt25-medium": dict(GPT25, n_layer=24, n_head=16, n_embd=1024),   # 359,794,688 (hidden 2816)
     "gpt25-large": dict(GPT25, n_layer=36, n_head=20, n_embd=1280),    # 795,804,160 (hidden 3584)
+    # GPT-2.5 with the modded-nanogpt options that measurably helped at our scale (bench/sample_efficiency.py
+    # --ablation): QK-norm. An untied head helped alone but not on top of QK-norm; relu^2, zero-initialized
+    # projections and a logit soft-cap did not help. Train it with Muon (configs/gpt25-speedrun.yaml).
+    # 123,552,768 parameters (gpt25 + the norms' gains); exports to Qwen3ForCausalLM.
+    "gpt25-speedrun": dict(GPT25, n_layer=12, n_head=12, n_embd=768, qk_norm=True),
     "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),  # 16,090,880 with GPT-2's vocab (demo)
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512),  # 136,960
 }

@@ -92,7 +92,7 @@ class GPT(nn.Module):
             self.transformer.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
             self.transformer.ln_f = make_norm(c)
         self.drop = nn.Dropout(c.dropout)
-        self.lm_head = LMHead(c.n_embd, c.padded_vocab_size, c.vocab_size)
+        self.lm_head = LMHead(c.n_embd, c.padded_vocab_size, c.vocab_size, c.logit_softcap)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if c.rotary_dim:
@@ -131,8 +131,9 @@ class GPT(nn.Module):
     # -- initialisation ----------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self):
-        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer),
-        zero biases, unit norm gains. The tied head shares the embedding, so it is initialised once."""
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer) (zero with
+        zero_init_proj: each block starts as the identity), zero biases, unit norm gains. The tied head
+        shares the embedding, so it is initialised once."""
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -143,7 +144,10 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
         for block in self.blocks:
             for proj in (block.self_attn if self.config.llama_layout else block.attn).out_proj(), block.mlp.out_proj():
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         self.activation_checkpointing = bool(enabled)

@@ -38,6 +38,15 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def relu_squared(x):
+    """relu(x)^2: the MLP activation of the modded-nanogpt speedrun (transformers calls it "relu2")."""
+    return F.relu(x).square()
+
+
 def make_norm(config):
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
@@ -74,6 +83,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
         self.dropout = config.dropout
         self.llama_names = config.llama_layout
+        if config.qk_norm:  # Qwen3's q_norm / k_norm: over each head's dims, with a gain, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         if self.llama_names:  # GPT-2.5: Llama projection names
             self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
             self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -92,7 +105,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim) for t in (q, k, v))
+        if self.qk_norm:  # on (B, T, H, D), contiguous for the projections
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -111,34 +127,37 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's MLP: Linear -> GELU (tanh approximation, as OpenAI's GPT-2) -> Linear."""
+    """GPT-2's MLP: Linear -> GELU (tanh approximation, as OpenAI's GPT-2; relu^2 with relu_squared) -> Linear."""
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.act = relu_squared if config.relu_squared else gelu_tanh
 
     def out_proj(self):
         return self.c_proj
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class SwiGLU(nn.Module):
-    """GPT-2.5: SwiGLU MLP with Llama's names (gate_proj, up_proj, down_proj)."""
+    """GPT-2.5: SwiGLU MLP with Llama's names (gate_proj, up_proj, down_proj); the gate's activation is
+    relu^2 instead of SiLU with relu_squared (Llama / Qwen3 `hidden_act="relu2"`)."""
 
     def __init__(self, config):
         super().__init__()
         self.gate_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.act = relu_squared if config.relu_squared else F.silu
 
     def out_proj(self):
         return self.down_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LMHead(nn.Linear):
@@ -148,12 +167,16 @@ class LMHead(nn.Linear):
     logits. The loss is computed inside this module's forward so that ZeRO-3, which gathers a
     module's parameters around its forward, has the weight whole."""
 
-    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int):
+    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int, softcap: float = 0.0):
         super().__init__(n_embd, padded_vocab_size, bias=False)
         self.vocab_size = vocab_size
+        self.softcap = softcap  # > 0: logits = softcap * tanh(logits / softcap)
 
     def forward(self, x, targets=None, reduction: str = "mean"):
         if targets is not None:
-            return linear_cross_entropy(x, self.weight, targets, reduction, vocab_size=self.vocab_size)
+            return linear_cross_entropy(x, self.weight, targets, reduction, vocab_size=self.vocab_size,
+                                        softcap=self.softcap)
         logits = F.linear(x, self.weight)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits[..., :self.vocab_size] if self.vocab_size != self.out_features else logits

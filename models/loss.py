@@ -35,7 +35,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         reduction: str = "mean", vocab_size: int = 0, chunk_tokens: int = 0) -> torch.Tensor:
+                         reduction: str = "mean", vocab_size: int = 0, chunk_tokens: int = 0,
+                         softcap: float = 0.0) -> torch.Tensor:
     """cross_entropy((hidden @ weight.T)[..., :vocab_size], targets, reduction), without fp32 logits.
 
     hidden: (..., C) the head's input; weight: (Vp, C) the head's weight, padded rows included;
@@ -43,6 +44,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     They stay in the matmuls (masked to -inf) because a padded width is what makes the matmuls fast:
     slicing to 50257 columns made the weight-gradient matmul 1.4-1.6x slower on CPU.
     targets: (...) ids. chunk_tokens: tokens per chunk (default: CHUNK_LOGITS logits per chunk).
+    softcap: when > 0, the logits are softcap * tanh(logits / softcap) (models.layers.LMHead does the same).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -52,7 +54,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if not 0 < vocab_size <= weight.size(0):
         raise ValueError(f"vocab_size {vocab_size} must be in 1..{weight.size(0)} (the weight's rows)")
     flat = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                                     reduction, vocab_size, chunk, want_grad)
+                                     reduction, vocab_size, chunk, want_grad, float(softcap))
     return flat.view(targets.shape) if reduction == "none" else flat
 
 
@@ -65,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes per-token losses and, when a gradient is wanted, dloss/dlogits chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, reduction, vocab_size, chunk, want_grad):
+    def forward(ctx, hidden, weight, targets, reduction, vocab_size, chunk, want_grad, softcap):
         n = hidden.size(0)
         scored = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~scored, 0).unsqueeze(1)
@@ -76,6 +78,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             z = F.linear(hidden[rows], weight).to(dtype)
+            if softcap:
+                z.div_(softcap).tanh_()
+                slope = 1 - z.square() if want_grad else None  # d(softcap * tanh(x / softcap)) / dx
+                z.mul_(softcap)
             if vocab_size < z.size(1):
                 z[:, vocab_size:] = float("-inf")  # exp gives 0: no probability, no gradient
             tgt = safe_targets[rows]
@@ -87,6 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_grad:
                 z.div_(sum_exp)  # softmax
                 z.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype))
+                if softcap:
+                    z.mul_(slope)
                 dlogits[rows] = z
             del z  # before the next chunk's logits exist, not after
         losses.masked_fill_(~scored, 0.0)
@@ -118,4 +126,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = ((dlogits @ weight).to(dtype) * row_scale).to(hidden.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = dlogits.t() @ (hidden.to(dtype) * row_scale).to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None

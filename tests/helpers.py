@@ -3,11 +3,13 @@ modules, which never import each other; pytest puts tests/ on sys.path)."""
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import models
@@ -108,6 +110,56 @@ def remove_shm_buffers() -> None:
     for port in PORTS:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             f.unlink(missing_ok=True)
+
+
+# ---- a dataset and model that produce non-finite steps where chosen ------------------------------------
+
+POISON = 255
+
+
+def poisoned(data_dir, out, steps, seq: int = 64, global_batch: int = 8, seed: int = 7) -> tuple:
+    """(dataset, model dir): the dataset's windows for `steps` (1-based) of a run with this sequence length,
+    global batch and seed contain POISON; the tiny model's (untied) embedding row for it is NaN.
+
+    POISON is byte 0xFF (never in UTF-8 text, so nowhere else in the corpus): exactly the batches holding it
+    produce a NaN loss and NaN gradients; every other batch never reads that row."""
+    import models
+    from trainer.data import Dataset, TrainStream, write_shard
+
+    dataset_dir = out / "data"
+    shutil.copytree(data_dir, dataset_dir)
+    dataset = Dataset.open(dataset_dir)
+    stream = TrainStream(dataset, seq, global_batch, seed)
+    shards = [np.array(s) for s in dataset.train_shards]
+    for step in steps:
+        for sample in range((step - 1) * global_batch, step * global_batch):
+            window = stream.sample(sample)
+            for shard in shards:  # find the window in its shard by content (the stream's own mapping)
+                hits = np.flatnonzero(shard[:-seq] == window[0])
+                hit = next((h for h in hits if h % seq == 0 and np.array_equal(shard[h:h + seq + 1], window)), None)
+                if hit is not None:
+                    shard[hit + seq // 2] = POISON
+                    break
+            else:
+                raise AssertionError(f"window of sample {sample} not found")
+    for path, tokens in zip(sorted(dataset_dir.glob("train_*.bin")), shards):
+        write_shard(path, tokens, vocab_size=dataset.vocab_size)  # same token counts: meta.json stays valid
+    check = TrainStream(Dataset.open(dataset_dir), seq, global_batch, seed)
+    assert all(POISON in check.local_batch((s - 1) * global_batch, 0, 1)[0] for s in steps)
+    assert POISON not in check.local_batch(max(steps) * global_batch, 0, 1)[0]
+    torch.manual_seed(0)
+    model = models.GPT(models.get_config("tiny", vocab_size=dataset.vocab_size, padded_vocab_size=320,
+                                         tie_embeddings=False))
+    with torch.no_grad():
+        model.transformer.wte.weight[POISON] = float("nan")
+    models.save(model, out / "model")
+    return dataset_dir, out / "model"
+
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN where the other is NaN (a poisoned embedding row stays NaN)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 # ---- running CLI jobs in one process ------------------------------------------------------------------

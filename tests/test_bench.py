@@ -2,6 +2,7 @@
 shapes and parameter counts as transformers counts them, MFU below the peak measured in the same run,
 and tokens/s no higher than the tokens it timed over the time the whole process took."""
 import json
+import sys
 import time
 
 import pytest
@@ -49,3 +50,14 @@ def test_gpt25_vs_hf_llama_one_rank(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
     check(*run_bench(["--model", "tiny", *SHAPE], tmp_path, ranks=2), 2, "GPT2LMHeadModel")
+
+
+def test_sample_efficiency_reads_the_tokens_where_a_curve_crosses_the_target():
+    """bench/sample_efficiency.py's headline number: interpolated between evaluations, None if never reached."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from sample_efficiency import tokens_to_reach
+
+    curve = [(100, 3.0), (200, 2.5), (300, 2.0)]
+    assert tokens_to_reach(curve, 2.25) == pytest.approx(250)
+    assert tokens_to_reach(curve, 3.5) == 100 and tokens_to_reach(curve, 2.0) == 300
+    assert tokens_to_reach(curve, 1.9) is None

@@ -39,6 +39,9 @@ class FakeEngine:
     def zero_use_cpu_optimizer(self):
         return False
 
+    def optimizer_name(self):
+        return "adamw"
+
 
 def client(step):
     return {"step": step, "cursor": step * 8, "tokens": step * 512, "global_batch": 8, "seq_len": 64}

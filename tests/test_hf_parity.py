@@ -15,7 +15,13 @@ def random_model(**overrides) -> GPT:
 @pytest.mark.parametrize("overrides, hf_class", [({}, "GPT2LMHeadModel"), (GPT25, "LlamaForCausalLM"),
                                                  ({**GPT25, "tie_embeddings": False}, "LlamaForCausalLM"),
                                                  ({"padded_vocab_size": 576}, "GPT2LMHeadModel"),
-                                                 ({**GPT25, "rope_theta": 5e5, "norm_eps": 1e-6}, "LlamaForCausalLM")])
+                                                 ({**GPT25, "rope_theta": 5e5, "norm_eps": 1e-6}, "LlamaForCausalLM"),
+                                                 ({"relu_squared": True}, "GPT2LMHeadModel"),
+                                                 ({**GPT25, "relu_squared": True}, "LlamaForCausalLM"),
+                                                 ({**GPT25, "qk_norm": True, "tie_embeddings": False},
+                                                  "Qwen3ForCausalLM"),
+                                                 ({**GPT25, "qk_norm": True, "relu_squared": True},
+                                                  "Qwen3ForCausalLM")])
 def test_ours_to_hf_and_back(overrides, hf_class):
     model = random_model(**overrides)
     idx = torch.randint(0, 512, (2, 40))
@@ -73,7 +79,19 @@ def test_export_round_trips_through_save_pretrained(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, field", [({"rotary_dim": 8}, "rotary_dim"), ({"norm": "rmsnorm"}, "norm"),
-                                              ({**GPT25, "pos_emb": "learned", "rotary_dim": 0}, "pos_emb")])
+                                              ({**GPT25, "pos_emb": "learned", "rotary_dim": 0}, "pos_emb"),
+                                              ({**GPT25, "logit_softcap": 15.0}, "logit_softcap"),
+                                              ({"qk_norm": True}, "GPT2LMHeadModel: qk_norm"),
+                                              ({**GPT25, "qk_norm": True, "bias": True}, "Qwen3ForCausalLM: bias")])
 def test_unexportable_combinations_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         hf.hf_config(get_config("tiny", **overrides))
+
+
+def test_every_preset_exports():
+    """Each preset, the speedrun one included, has a transformers class (tiny-size parity is tested above)."""
+    import models
+
+    families = {name: hf.hf_family(get_config(name)) for name in models.list_configs()}
+    assert families["gpt25-speedrun"] == "qwen3" and families["gpt25"] == "llama" and families["gpt2"] == "gpt2"
+    assert set(families.values()) == {"gpt2", "llama", "qwen3"}

@@ -76,8 +76,27 @@ def test_no_gradient_state_under_no_grad_and_edge_cases():
         linear_cross_entropy(h, w, t, vocab_size=w.size(0) + 1)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_equals_cross_entropy_of_the_capped_logits(reduction):
+    v, cap = 120, 2.0  # a small cap, so that tanh bends most logits of these inputs
+    h, w, t = _inputs()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = linear_cross_entropy(h1, w1, t, reduction, vocab_size=v, chunk_tokens=5, softcap=cap)
+    ref = F.cross_entropy((cap * torch.tanh(F.linear(h2, w2) / cap))[:, :v], t, ignore_index=IGNORE_INDEX,
+                          reduction=reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("preset_overrides", [{}, {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope",
-                                                   "bias": False, "tie_embeddings": False}], ids=["gpt2", "gpt25"])
+                                                   "bias": False, "tie_embeddings": False},
+                                              {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope", "bias": False,
+                                               "tie_embeddings": False, "qk_norm": True, "relu_squared": True,
+                                               "logit_softcap": 3.0}], ids=["gpt2", "gpt25", "speedrun-options"])
 def test_model_loss_equals_loss_of_its_logits(preset_overrides):
     cfg = models.get_config("tiny", vocab_size=300, padded_vocab_size=320, **preset_overrides)
     torch.manual_seed(0)

@@ -1,25 +1,21 @@
 """Non-finite steps: skipped on all ranks and counted, then a rollback past the bad data, then a bounded stop.
 
-The test hook lives here, not in production code: a dataset whose windows for chosen steps start with
-byte 0xFF (never in UTF-8 text, so nowhere else in the corpus), and `--init-from` a model whose
-(untied) embedding row for that byte is NaN. Exactly the batches holding it produce a NaN loss and
-NaN gradients; every other batch never reads that row, so training elsewhere is normal.
+The test hook lives in the tests, not in production code: helpers.poisoned makes a dataset whose windows
+for chosen steps hold byte 0xFF and a model (for `--init-from`) whose embedding row for that byte is NaN.
 """
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_ARGS, run_cli, training_records
+from helpers import TINY_ARGS, poisoned, run_cli, same, training_records
 from trainer import checkpoint, recovery
 from trainer.errors import UserError
 from trainer.state import TrainState
 
-POISON = 255
-GLOBAL_BATCH, SEQ, SEED = 8, 64, 7  # as in ARGS
+GLOBAL_BATCH, SEQ = 8, 64  # as in ARGS (TINY_ARGS: --seq-len 64) and helpers.poisoned's defaults
 ARGS = [*TINY_ARGS, "--global-batch", str(GLOBAL_BATCH), "--max-steps", "10", "--set", "tie_embeddings=false",
         "--no-tracking", "--ds-config", "zero2_fp32"]
 
@@ -28,50 +24,11 @@ def pretrain(data, out, *extra, check=True):
     return run_cli(["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra], ranks=2, check=check)
 
 
-def poisoned(data_dir, out, steps) -> tuple:
-    """(dataset, model dir): the dataset's windows for `steps` (1-based) contain POISON; the model's row is NaN."""
-    import models
-    from trainer.data import Dataset, TrainStream, write_shard
-
-    dataset_dir = out / "data"
-    shutil.copytree(data_dir, dataset_dir)
-    dataset = Dataset.open(dataset_dir)
-    stream = TrainStream(dataset, SEQ, GLOBAL_BATCH, SEED)
-    shards = [np.array(s) for s in dataset.train_shards]
-    for step in steps:
-        for sample in range((step - 1) * GLOBAL_BATCH, step * GLOBAL_BATCH):
-            window = stream.sample(sample)
-            for shard in shards:  # find the window in its shard by content (the stream's own mapping)
-                hits = np.flatnonzero(shard[:-SEQ] == window[0])
-                hit = next((h for h in hits if h % SEQ == 0 and np.array_equal(shard[h:h + SEQ + 1], window)), None)
-                if hit is not None:
-                    shard[hit + SEQ // 2] = POISON
-                    break
-            else:
-                raise AssertionError(f"window of sample {sample} not found")
-    for path, tokens in zip(sorted(dataset_dir.glob("train_*.bin")), shards):
-        write_shard(path, tokens, vocab_size=dataset.vocab_size)  # same token counts: meta.json stays valid
-    check = TrainStream(Dataset.open(dataset_dir), SEQ, GLOBAL_BATCH, SEED)
-    assert all(POISON in check.local_batch((s - 1) * GLOBAL_BATCH, 0, 1)[0] for s in steps)
-    assert POISON not in check.local_batch(max(steps) * GLOBAL_BATCH, 0, 1)[0]
-    torch.manual_seed(0)
-    model = models.GPT(models.get_config("tiny", vocab_size=dataset.vocab_size, padded_vocab_size=320,
-                                         tie_embeddings=False))
-    with torch.no_grad():
-        model.transformer.wte.weight[POISON] = float("nan")
-    models.save(model, out / "model")
-    return dataset_dir, out / "model"
-
-
 def cosine_lr(step, max_lr=3e-3, min_lr=3e-4, warmup=2, total=10):
     """The schedule of ARGS, written out independently of trainer/optim.py."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(data, tmp_path):

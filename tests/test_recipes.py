@@ -17,6 +17,7 @@ import pytest
 
 from helpers import drive, metrics, run_cli
 from trainer.config import parse_duration, resolve
+from trainer.ds_config import load_ds_config, uses_muon
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -51,10 +52,15 @@ RECIPES = {
                    max_steps=19_073, schedule="cosine"),
         arch=dict(norm="layernorm", pos_emb="learned"),
         source=("HuggingFaceFW/fineweb-edu", "sample-10BT"), tokenizer="gpt2", result="3.03"),
+    "gpt25-speedrun": dict(
+        train=dict(model="gpt25-speedrun", ds_config="zero2_muon_bf16", global_batch_tokens=524_288, seq_len=1024,
+                   schedule="wsd", decay_frac=0.3, grad_clip=0.0, muon_momentum=0.95, weight_decay=0.0),
+        arch=dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qk_norm=True),
+        source=("HuggingFaceFW/fineweb", "sample-10BT"), tokenizer="gpt2", result=None),
 }
 # Tiny size for CPU: width 128 with 2 heads keeps head_dim 64, so rotary_dim 32 stays valid.
 TINY_SIZE = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=128", "--set", "block_size=64"]
-TINY_RUN = ["--seq-len", "64", "--micro-batch", "2", "--max-steps", "3", "--ds-config", "zero2_fp32",
+TINY_RUN = ["--seq-len", "64", "--micro-batch", "2", "--max-steps", "3",
             "--log-every", "1", "--eval-every", "2", "--eval-batches", "2", "--save-every", "0"]
 SMALL = ["--model", "tiny", "--seq-len", "64", "--ds-config", "zero2_fp32", "--eval-every", "0",
          "--eval-batches", "2", "--save-every", "0", "--log-every", "1", "--warmup-steps", "2"]
@@ -185,7 +191,9 @@ def runs(tmp_path_factory, small_data):
         data += ["--shard-tokens", "50000", "--val-tokens", "4000"]
         yaml_batch = resolve(str(CONFIGS / f"{stem}.yaml"), {})
         batch = ["--global-batch-tokens", "256"] if yaml_batch.global_batch_tokens else ["--global-batch", "4"]
-        args = ["--config", f"configs/{stem}.yaml", *TINY_SIZE, *TINY_RUN, *batch,
+        # fp32 for CPUs without bf16; a Muon recipe keeps Muon (and its required --grad-clip 0, from the YAML)
+        ds = "zero2_muon_fp32" if uses_muon(load_ds_config(yaml_batch.ds_config)) else "zero2_fp32"
+        args = ["--config", f"configs/{stem}.yaml", *TINY_SIZE, *TINY_RUN, "--ds-config", ds, *batch,
                 "--data", str(root / "data" / stem), "--out", str(root / "runs" / stem)]
         if yaml_batch.hellaswag_every:
             args += ["--hellaswag-every", "2", "--hellaswag-jsonl", str(HELLASWAG)]

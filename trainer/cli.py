@@ -85,6 +85,11 @@ def training_options(cls=TrainConfig, exclude=()):
         click.option("--eps", type=float, help="Adam epsilon." + _default("eps")),
         click.option("--grad-clip", type=float,
                      help="Clip the global gradient norm (0 = off)." + _default("grad_clip")),
+        click.option("--muon-lr", type=float,
+                     help="Muon's peak rate (Muon ds-configs; --lr is then the AdamW rate)." + _default("muon_lr")),
+        click.option("--muon-momentum", type=float, help="Muon's momentum." + _default("muon_momentum")),
+        click.option("--muon-weight-decay", type=float,
+                     help="Muon's decoupled weight decay." + _default("muon_weight_decay")),
         click.option("--seed", type=int, help="Seed for weights and data order." + _default("seed")),
         click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
                      help="Recompute block activations in backward to save memory."

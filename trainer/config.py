@@ -56,6 +56,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # Muon (a ds_configs JSON with "type": "Muon"): the blocks' hidden matrices; the rest stays on AdamW (lr above)
+    muon_lr: float = 0.02                        # peak rate of the Muon group; follows lr's schedule (scaled)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0               # decoupled, like AdamW's: p *= 1 - muon_lr * muon_weight_decay
     seed: int = 1337
     activation_checkpointing: bool = False
     compile: bool = False
@@ -142,7 +146,8 @@ def resolve(yaml_path: Optional[str], flags: dict, cls=TrainConfig) -> TrainConf
 def validate(c: TrainConfig) -> None:
     from trainer.optim import SCHEDULES
 
-    for name in ("lr", "min_lr", "epochs", "weight_decay", "grad_clip", "beta1", "beta2", "eps", "decay_frac"):
+    for name in ("lr", "min_lr", "epochs", "weight_decay", "grad_clip", "beta1", "beta2", "eps", "decay_frac",
+                 "muon_lr", "muon_momentum", "muon_weight_decay"):
         value = getattr(c, name)  # NaN / inf / a YAML string would otherwise crash later or train on garbage
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not abs(value) < float("inf")):
@@ -158,6 +163,9 @@ def validate(c: TrainConfig) -> None:
         raise UserError(f"unknown schedule '{c.schedule}'; choose one of {', '.join(SCHEDULES)}")
     if c.lr <= 0 or c.min_lr < 0 or c.min_lr > c.lr:
         raise UserError(f"need 0 <= min-lr <= lr and lr > 0, got lr={c.lr} min-lr={c.min_lr}")
+    if c.muon_lr <= 0 or not 0 <= c.muon_momentum < 1 or c.muon_weight_decay < 0:
+        raise UserError(f"need muon-lr > 0, 0 <= muon-momentum < 1 and muon-weight-decay >= 0, got muon-lr={c.muon_lr} "
+                        f"muon-momentum={c.muon_momentum} muon-weight-decay={c.muon_weight_decay}")
     if c.global_batch is not None and c.global_batch_tokens is not None:
         raise UserError("give either --global-batch (sequences) or --global-batch-tokens, not both")
     if c.epochs is not None and c.epochs <= 0:

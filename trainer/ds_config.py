@@ -78,7 +78,8 @@ def _claim(section: dict, key: str, value, where: str, flag: str) -> None:
 
 
 def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
-                    lr: float, betas: tuple, eps: float, weight_decay: float) -> dict:
+                    lr: float, betas: tuple, eps: float, weight_decay: float, muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95) -> dict:
     """Return a copy of `base` with the trainer-owned numbers written in (or an error on conflict)."""
     config = json.loads(json.dumps(base))
     if "scheduler" in config:
@@ -93,7 +94,40 @@ def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size
     for key, value, flag in (("lr", lr, "--lr"), ("betas", list(betas), "--beta1/--beta2"), ("eps", eps, "--eps"),
                              ("weight_decay", weight_decay, "--weight-decay")):
         _claim(params, key, value, "optimizer.params.", flag)
+    if uses_muon(config):
+        _check_muon(config, grad_clip)
+        for key, value, flag in (("muon_lr", muon_lr, "--muon-lr"), ("adam_lr", lr, "--lr"),
+                                 ("momentum", muon_momentum, "--muon-momentum")):
+            _claim(params, key, value, "optimizer.params.", flag)
     return config
+
+
+def optimizer_type(config: dict) -> str:
+    """The JSON's optimizer type, lower case as DeepSpeed reads it (AdamW when the JSON names none)."""
+    return str((config.get("optimizer") or {}).get("type", "AdamW")).lower()
+
+
+def uses_muon(config: dict) -> bool:
+    """The JSON picks DeepSpeed's Muon (hidden matrices) with its auxiliary AdamW (everything else)."""
+    return optimizer_type(config) == "muon"
+
+
+def muon_update_in_grad_norm(config: dict) -> bool:
+    """True where DeepSpeed 0.19 puts Muon's orthogonalized update, not the gradient, into the global
+    gradient norm: ZeRO-1/2/3 run Newton-Schulz while they partition the reduced gradients, and then
+    measure and clip what is left in the gradient buffers (ZeRO-0 clips the raw gradients first; see
+    bench/upstream_muon.md). That norm is then no gradient norm, and a clip by it shrinks every Muon step."""
+    return uses_muon(config) and zero_stage(config) >= 1
+
+
+def _check_muon(config: dict, grad_clip: float) -> None:
+    """Refuse the Muon combination that does not train correctly (ZeRO-2 with offload_optimizer is one of the
+    ZeRO-1/2/3 cases: it orthogonalizes before its clip too)."""
+    if grad_clip and muon_update_in_grad_norm(config):
+        raise UserError(f"Muon under ZeRO-{zero_stage(config)} with --grad-clip {grad_clip}: DeepSpeed clips Muon's "
+                        "orthogonalized update there instead of the gradient, which shrinks every step and the run "
+                        "barely learns. Pass --grad-clip 0 (Muon's updates are normalized by construction), or use "
+                        "ZeRO-0 (ds_configs/zero0_muon_bf16.json), which clips the raw gradients")
 
 
 def zero_stage(config: dict) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from trainer import dist
-from trainer.ds_config import precision
+from trainer.ds_config import precision, uses_muon
 from trainer.errors import UserError, describe
 
 
@@ -72,12 +72,48 @@ def check_precision_supported(config: dict) -> None:
 
 
 def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
-    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py)."""
+    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py).
+    With Muon, each group's `use_muon` says which optimizer updates its parameters."""
     import deepspeed
 
     check_precision_supported(ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    if uses_muon(ds_config):
+        built = [bool(g.get("use_muon")) for g in engine.optimizer.param_groups]
+        if built != [g["use_muon"] for g in param_groups]:
+            raise RuntimeError(f"DeepSpeed built Muon groups {built}, expected {[g['use_muon'] for g in param_groups]}")
     return engine
+
+
+@contextlib.contextmanager
+def _muon_tags(deepspeed, param_groups):
+    """Our Muon tags, applied right after DeepSpeed's own.
+
+    deepspeed.initialize tags every parameter itself (`set_optimizer_flags`: Muon for any 2-D weight
+    whose name lacks "embed" and "lm_head"), overwriting tags set before, and then splits the groups
+    by those tags. GPT-2's embeddings are named `wte` / `wpe`, so they would get Muon, and with tied
+    embeddings so would the head. Wrapping that one function is the only place between the two.
+    """
+    if any("use_muon" not in group for group in param_groups):
+        raise ValueError("a Muon config needs the parameter groups of trainer.optim.param_groups(..., muon=True)")
+    tags = {id(p): group["use_muon"] for group in param_groups for p in group["params"]}
+    if not tags:
+        yield
+        return
+    original = deepspeed.set_optimizer_flags
+
+    def tag(config_class, model):
+        original(config_class, model)
+        for param in model.parameters():
+            if id(param) in tags:
+                param.use_muon = tags[id(param)]
+
+    deepspeed.set_optimizer_flags = tag
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = original
 
 
 def compile_model(engine) -> None:

@@ -7,24 +7,52 @@ a resume with another --lr / --max-steps / --schedule takes effect from that ste
 update (non-finite gradients) uses up its step of the schedule like any other, so the run always
 ends at --min-lr. Betas, eps and weight decay are written back into the groups after every
 checkpoint load (DeepSpeed restores the saved ones), so changed flags apply on resume too.
+
+With DeepSpeed's Muon (a ds_configs JSON with `"type": "Muon"`) the hidden matrices of the blocks
+form their own group, named `muon`; the embeddings, the head, norms and biases stay on AdamW. The
+Muon group's rate is `lr_at(step)` scaled by muon_lr / lr, so both halves share the schedule's shape
+and both rates stay pure functions of the step and the flags.
 """
 import math
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-DECAY, NO_DECAY = "decay", "no_decay"
+DECAY, NO_DECAY, MUON = "decay", "no_decay", "muon"
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay 2-D weights (matmuls, embeddings); never biases or norm gains (GPT-2 / nanoGPT practice)."""
-    decay, no_decay = [], []
+def muon_params(model) -> list:
+    """The parameters Muon updates: the 2-D weights inside the transformer blocks (attention and MLP
+    matrices). Embeddings and the head are not hidden matrices (their rows are per-token lookups; an
+    orthogonalized update would move rows of tokens the batch never saw), and norms and biases are not
+    matrices: those stay on AdamW, as in modded-nanogpt."""
+    return [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def param_groups(model, weight_decay: float, muon: bool = False, muon_weight_decay: float = 0.0) -> list[dict]:
+    """Decay 2-D weights (matmuls, embeddings); never biases or norm gains (GPT-2 / nanoGPT practice).
+
+    muon=True puts `muon_params(model)` first, in a group of their own with `muon_weight_decay`,
+    ordered by size, largest first: DeepSpeed's Muon sorts its group that way (a stable sort), so
+    handing it over sorted keeps the flat buffers in exactly this order (ZeRO-0 consolidation reads
+    them by it). Empty groups are left out (DeepSpeed's Muon drops them)."""
+    chosen = {id(p) for p in muon_params(model)} if muon else set()
+    hidden, decay, no_decay = [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [
+        if id(param) in chosen:
+            hidden.append(param)
+        else:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    hidden.sort(key=lambda p: p.size(), reverse=True)
+    groups = [{"params": hidden, "weight_decay": muon_weight_decay, "name": MUON}] if muon else []
+    groups += [
         {"params": decay, "weight_decay": weight_decay, "name": DECAY},
         {"params": no_decay, "weight_decay": 0.0, "name": NO_DECAY},
     ]
+    if muon:  # which half of DeepSpeed's Muon optimizer updates the group (trainer.engine tags the parameters)
+        for group in groups:
+            group["use_muon"] = group["name"] == MUON
+    return [g for g in groups if g["params"]]
 
 
 def group_names(groups: list[dict]) -> list[str]:
@@ -58,26 +86,40 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_s
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, lr: float) -> None:
-    """The rate of the coming optimizer step, in every group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: float, weight_decay: float) -> None:
-    """Write the run's betas, eps and weight decay into the optimizer's groups (the decay group gets
-    `weight_decay`, the others 0). `names` are the groups' names in the order param_groups made them;
-    DeepSpeed keeps that order (and drops nothing) in the groups of its own optimizers."""
-    if len(optimizer.param_groups) != len(names):
-        raise RuntimeError(f"optimizer has {len(optimizer.param_groups)} parameter groups, expected {len(names)}")
+def set_lr(optimizer, names: list[str], lr: float, muon_lr: float = None) -> None:
+    """The rates of the coming optimizer step: `muon_lr` in the Muon group, `lr` in every other group."""
+    _check_groups(optimizer, names)
     for group, name in zip(optimizer.param_groups, names):
+        group["lr"] = muon_lr if name == MUON else lr
+
+
+def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: float, weight_decay: float,
+                          muon_momentum: float = None, muon_weight_decay: float = None) -> None:
+    """Write the run's betas, eps and weight decay into the AdamW groups (the decay group gets
+    `weight_decay`, the others 0), and momentum and weight decay into the Muon group. `names` are the
+    groups' names in the order param_groups made them; DeepSpeed keeps that order (and drops nothing)
+    in the groups of its own optimizers."""
+    _check_groups(optimizer, names)
+    for group, name in zip(optimizer.param_groups, names):
+        if name == MUON:
+            group["momentum"] = muon_momentum
+            group["weight_decay"] = muon_weight_decay
+            continue
         group["betas"] = tuple(betas)
         group["eps"] = eps
         group["weight_decay"] = weight_decay if name == DECAY else 0.0
 
 
 def hyperparameters_in_effect(optimizer, names: list[str]) -> dict:
-    """{group name: {lr, betas, eps, weight_decay}} as the optimizer holds them right now."""
-    return {name: {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
-                   "weight_decay": group["weight_decay"]}
-            for name, group in zip(names, optimizer.param_groups)}
+    """{group name: {lr, betas, eps, weight_decay}} (Muon: {lr, momentum, weight_decay}) as the optimizer
+    holds them right now."""
+    out = {}
+    for name, group in zip(names, optimizer.param_groups):
+        keys = ("lr", "momentum", "weight_decay") if name == MUON else ("lr", "betas", "eps", "weight_decay")
+        out[name] = {k: list(group[k]) if k == "betas" else group[k] for k in keys}
+    return out
+
+
+def _check_groups(optimizer, names: list[str]) -> None:
+    if len(optimizer.param_groups) != len(names):
+        raise RuntimeError(f"optimizer has {len(optimizer.param_groups)} parameter groups, expected {len(names)}")

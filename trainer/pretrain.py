@@ -27,7 +27,8 @@ from trainer import dist, engine as ds_engine, hostmem, recovery
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
-from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path
+from trainer.ds_config import (build_ds_config, load_ds_config, muon_update_in_grad_norm, resolve_ds_config_path,
+                               uses_muon)
 from trainer.errors import UserError
 from trainer.metrics import peak_flops
 from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
@@ -39,7 +40,7 @@ from trainer.validation import validation_loss
 
 # Settings a resumed run may change; they take effect from the resume step (trainer/optim.py).
 RESUMABLE_CHANGES = ("lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "beta1", "beta2", "eps",
-                     "weight_decay", "grad_clip")
+                     "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay")
 
 
 @dataclass
@@ -159,6 +160,8 @@ class Run:
     total_steps: int
     engine: object
     groups: list                  # parameter group names, in the optimizer's order
+    muon: bool                    # DeepSpeed's Muon for the hidden matrices (trainer/optim.py), AdamW for the rest
+    grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
     state: TrainState
     checkpointer: Checkpointer
     stop: StopPolicy
@@ -174,6 +177,13 @@ class Run:
         c = self.cfg
         return lr_at(step, max_lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps, total_steps=self.total_steps,
                      schedule=c.schedule, decay_frac=c.decay_frac)
+
+    def muon_lr_at(self, step: int) -> Optional[float]:
+        """The Muon group's rate: the same schedule, scaled to peak at --muon-lr (None without Muon)."""
+        return self.lr_at(step) * self.cfg.muon_lr / self.cfg.lr if self.muon else None
+
+    def set_lr(self, step: int) -> None:
+        set_lr(self.engine.optimizer, self.groups, self.lr_at(step), self.muon_lr_at(step))
 
     def client_state(self) -> dict:
         """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
@@ -200,14 +210,15 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     ds_config = build_ds_config(
         load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
         world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        weight_decay=cfg.weight_decay)
+        weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
+    muon = uses_muon(ds_config)
     model = build_model(cfg, model_cfg)
 
     # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
     checkpointer = Checkpointer(cfg.out, cfg.save_every, cfg.keep_last)
     if checkpointer.choose(cfg.resume) is not None:
         ds_config = checkpointer.prepare(dataclasses.asdict(model_cfg), ds_config, world, plan.global_batch)
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, muon=muon, muon_weight_decay=cfg.muon_weight_decay)
     engine = ds_engine.initialize(model, groups, ds_config)
     if cfg.compile:
         ds_engine.compile_model(engine)
@@ -220,10 +231,12 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     checkpointer.start_timeline(state.step)
     # DeepSpeed restored the checkpoint's betas / eps / weight decay: this run's settings apply from here on.
     apply_hyperparameters(engine.optimizer, group_names(groups), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                          weight_decay=cfg.weight_decay)
+                          weight_decay=cfg.weight_decay, muon_momentum=cfg.muon_momentum,
+                          muon_weight_decay=cfg.muon_weight_decay)
     return Run(cfg=cfg, task=task, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
                val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
-               groups=group_names(groups), state=state, checkpointer=checkpointer,
+               groups=group_names(groups), muon=muon, grad_norm_reported=not muon_update_in_grad_norm(ds_config),
+               state=state, checkpointer=checkpointer,
                stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
 
 
@@ -254,7 +267,7 @@ def start_log(run: Run) -> RunLog:
         if dist.is_main() else (0.0, "")
     log = RunLog(run_dir, cfg, run.total_steps, run.state.step, run.state.tokens, model.flops_per_token(plan.seq_len),
                  peak, dist.world_size(), run.device, desc=run.task.name)
-    set_lr(run.engine.optimizer, run.lr_at(run.state.step))
+    run.set_lr(run.state.step)
     resumed = run.checkpointer.resume_from
     log.event({"event": "start", "step": run.state.step, "resumed_from": str(resumed) if resumed else None,
                "total_steps": run.total_steps, "world_size": dist.world_size(),
@@ -266,6 +279,12 @@ def start_log(run: Run) -> RunLog:
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
                 f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
                 f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.total_steps} steps | MFU vs {peak_source}")
+    if run.muon:
+        dist.print0(f"optimizer: Muon on the blocks' matrices (peak lr {cfg.muon_lr:g}, momentum "
+                    f"{cfg.muon_momentum:g}, weight decay {cfg.muon_weight_decay:g}), AdamW on embeddings, head, "
+                    f"norms and biases (peak lr {cfg.lr:g})"
+                    + ("" if run.grad_norm_reported else "; grad_norm is not logged: under ZeRO-1/2/3 DeepSpeed's "
+                       "norm measures Muon's update, not the gradient"))
     return log
 
 
@@ -307,11 +326,12 @@ def train(run: Run) -> str:
     state, engine, cfg = run.state, run.engine, run.cfg
     while state.step < run.total_steps:
         started = time.perf_counter()
-        lr = run.lr_at(state.step)
-        set_lr(engine.optimizer, lr)
+        lr, muon_lr = run.lr_at(state.step), run.muon_lr_at(state.step)
+        run.set_lr(state.step)
         loss, skipped = train_step(run)
         last = state.step >= run.total_steps
-        run.log.step(state, loss, lr, engine.get_global_grad_norm(), skipped, last)
+        grad_norm = engine.get_global_grad_norm() if run.grad_norm_reported else None
+        run.log.step(state, loss, lr, grad_norm, skipped, last, muon_lr=muon_lr)
         if skipped:
             run.log.say(f"step {state.step}: non-finite gradients, update skipped on all ranks "
                         f"({state.skips_in_a_row} in a row, {state.skipped} in total)")

@@ -38,8 +38,10 @@ class RunLog:
     def due(self, step: int, last: bool, skipped: bool) -> bool:
         return step % self.every == 0 or last or skipped
 
-    def step(self, state, loss: torch.Tensor, lr: float, grad_norm, skipped: bool, last: bool) -> None:
-        """Account one optimizer step; on logging steps write its record (loss averaged over the window)."""
+    def step(self, state, loss: torch.Tensor, lr: float, grad_norm, skipped: bool, last: bool,
+             muon_lr: float = None) -> None:
+        """Account one optimizer step; on logging steps write its record (loss averaged over the window;
+        `muon_lr`, the Muon group's rate, only in runs with Muon)."""
         self._loss += loss
         self._steps += 1
         self.bar.update(1)
@@ -54,6 +56,8 @@ class RunLog:
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": state.skipped}
         if state.trained_tokens is not None:  # fine-tuning: targets scored, of the `tokens` seen
             record["trained_tokens"] = state.trained_tokens
+        if muon_lr is not None:
+            record["muon_lr"] = muon_lr
         mem = memory_gb()
         if mem is not None:
             record["memory_gb"] = mem

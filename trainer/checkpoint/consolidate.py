@@ -21,9 +21,9 @@ _DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "froze
                    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
                    "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                    "checkpoint_parallel_dimensions", "ds_config", "ds_version", "sparse_tensor_module_names"}
-# ModelConfig fields that are training settings, not architecture: they may differ between a checkpoint and
-# the model it is loaded into.
-NOT_ARCHITECTURE = ("dropout",)
+# ModelConfig fields that are training settings or initialisation, not architecture: they may differ between a
+# checkpoint and the model it is loaded into.
+NOT_ARCHITECTURE = ("dropout", "zero_init_proj")
 
 
 def architecture_differences(saved: dict, mine: dict, tolerate: tuple = ()) -> list[tuple]:
@@ -91,32 +91,38 @@ def consolidated_state_dict(ckpt) -> tuple[dict, dict]:
 
 
 def _zero0_fp32_master(states: dict, client: dict) -> Optional[dict]:
-    """ZeRO-0 bf16/fp16 keeps the fp32 master weights as one flat tensor per optimizer param group
-    (FP16_Optimizer's fp32_groups_flat), not in the 16-bit module weights: unflatten them by the
-    parameter order of trainer.optim.param_groups, which built those groups. None if that does not fit."""
-    flats = (states.get("optimizer") or {}).get("fp32_groups_flat")
-    if not flats or "model_config" not in client:
+    """ZeRO-0 bf16/fp16 keeps the fp32 master weights in the optimizer state, not in the 16-bit module
+    weights: one flat tensor per param group (FP16_Optimizer, DeepSpeed's wrapper around its fused Adam)
+    or one tensor per parameter (FP16_UnfusedOptimizer, its wrapper around Muon), in the order of
+    trainer.optim.param_groups, which built those groups. None if that does not fit."""
+    optimizer = states.get("optimizer") or {}
+    flats, per_param = optimizer.get("fp32_groups_flat"), optimizer.get("fp32_groups")
+    if not (flats or per_param) or "model_config" not in client:
         return None
     import models
+    from trainer.engine import uses_muon
     from trainer.optim import param_groups
 
     with torch.device("meta"):
         model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, 0.0)
-    if len(groups) != len(flats):
+    groups = param_groups(model, 0.0, muon=uses_muon(states.get("ds_config") or {}))
+    stored = flats or per_param
+    if len(groups) != len(stored):
         return None
     out = {}
-    for group, flat in zip(groups, flats):
-        offset = 0
-        for param in group["params"]:
-            n = param.numel()
-            if offset + n > flat.numel():
+    for group, tensors in zip(groups, stored):
+        if flats:  # split the group's flat tensor at the parameters' sizes
+            sizes = [p.numel() for p in group["params"]]
+            if sum(sizes) != tensors.numel():
                 return None
-            out[names[id(param)]] = flat[offset:offset + n].view(param.shape).float().clone()
-            offset += n
-        if offset != flat.numel():
+            tensors = tensors.split(sizes)
+        if len(tensors) != len(group["params"]):
             return None
+        for param, tensor in zip(group["params"], tensors):
+            if tensor.numel() != param.numel():
+                return None
+            out[names[id(param)]] = tensor.reshape(param.shape).float().clone()
     for name, tensor in model.state_dict(keep_vars=True).items():  # tied aliases (lm_head) follow their source
         if name not in out and names.get(id(tensor)) in out:
             out[name] = out[names[id(tensor)]]

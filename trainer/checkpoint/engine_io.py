@@ -155,16 +155,22 @@ def _replay_cpu_adam_steps(engine) -> None:
     update after a resume, then differs from the uninterrupted run's in the last bit (the fp32 master
     weights drift apart a few steps later). Calling the kernel once per completed step on empty
     tensors rebuilds the same running product. GPU FusedAdam and torch's AdamW compute the bias
-    correction from the step each time: nothing to do.
+    correction from the step each time: nothing to do. DeepSpeed's Muon runs such an Adam for its
+    non-Muon groups (`aux_optimizer`, sharing Muon's state dict): that one is replayed the same way.
     """
     base = _base_optimizer(engine)
+    groups = base.param_groups
+    aux = getattr(base, "aux_optimizer", None)
+    if aux is not None:
+        groups = [g for g in base.param_groups if not g.get("use_muon")]
+        base = aux
     steps = [int(s["step"]) for s in base.state.values() if isinstance(s, dict) and "step" in s]
-    if not steps or not base.param_groups:
+    if not steps or not groups:
         return
     update = _cpu_adam_kernel(base)
     if update is None:
         return
-    group = base.param_groups[0]
+    group = groups[0]
     for step in range(1, max(steps) + 1):
         update(step, group)
 

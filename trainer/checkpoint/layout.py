@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from trainer import dist
-from trainer.ds_config import offloads_optimizer, precision, zero_stage
+from trainer.checkpoint import muon_universal
+from trainer.ds_config import offloads_optimizer, optimizer_type, precision, zero_stage
 from trainer.checkpoint.store import UNIVERSAL, is_complete, read_marker, write_marker
 from trainer.errors import UserError, describe
 
@@ -27,13 +28,14 @@ def engine_layout(engine) -> dict:
     """How a live engine partitions its state: what a checkpoint must match to load natively."""
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     return {"world_size": dist.world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-            "precision": precision, "offload": bool(engine.zero_use_cpu_optimizer())}
+            "precision": precision, "offload": bool(engine.zero_use_cpu_optimizer()),
+            "optimizer": str(engine.optimizer_name()).lower()}
 
 
 def config_layout(world_size: int, ds_config: dict) -> dict:
     """The same, for an engine about to be built from `ds_config` (read before deepspeed.initialize)."""
     return {"world_size": world_size, "zero_stage": zero_stage(ds_config), "precision": precision(ds_config),
-            "offload": offloads_optimizer(ds_config)}
+            "offload": offloads_optimizer(ds_config), "optimizer": optimizer_type(ds_config)}
 
 
 def _describe(layout: dict) -> str:
@@ -44,9 +46,11 @@ def _describe(layout: dict) -> str:
 
 
 def saved_layout(ckpt: Path) -> dict:
-    """The layout a checkpoint was written under, from its marker (older markers lack precision/offload)."""
+    """The layout a checkpoint was written under, from its marker (older markers lack precision/offload, and
+    the optimizer: they were all AdamW)."""
     marker = read_marker(ckpt)
-    return {k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload") if k in marker}
+    return {"optimizer": "adamw", **{k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload",
+                                                             "optimizer") if k in marker}}
 
 
 def needs_conversion(ckpt: Path, world_size: int, ds_config: dict) -> bool:
@@ -70,9 +74,13 @@ def prepare_resume(ckpt: Path, world_size: int, ds_config: dict, global_batch: O
         raise UserError(f"{ckpt} was trained with a global batch of {saved} sequences, this run would use "
                         f"{global_batch}; pass --global-batch {saved} so the data order and the optimizer "
                         "continue as before (accumulation adapts to the number of ranks)")
+    saved, now = saved_layout(ckpt), config_layout(world_size, ds_config)
+    if saved["optimizer"] != now["optimizer"]:
+        raise UserError(f"checkpoint {ckpt.name} was trained with the {saved['optimizer']} optimizer and this run's "
+                        f"DeepSpeed config uses {now['optimizer']}: their states do not convert. Resume with a "
+                        f"{saved['optimizer']} config, or start a new run from its weights with --init-from {ckpt}")
     if not needs_conversion(ckpt, world_size, ds_config):
         return ckpt, ds_config
-    saved, now = saved_layout(ckpt), config_layout(world_size, ds_config)
     if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
         return _prepare_stage0(ckpt, saved, now, ds_config)
     if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
@@ -87,6 +95,9 @@ def prepare_resume(ckpt: Path, world_size: int, ds_config: dict, global_batch: O
     universal = convert_to_universal(ckpt)
     dist.print0(f"checkpoint {ckpt.name} was saved under {_describe(saved)}, resuming under {_describe(now)}: "
                 f"loading DeepSpeed's universal checkpoint {universal}")
+    if saved["optimizer"] == "muon":
+        dist.print0("note: Muon's momentum restarts from zero (DeepSpeed's universal checkpoint has no place for it; "
+                    "the weights, AdamW's moments and the step carry over)")
     ds_config = json.loads(json.dumps(ds_config))
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return universal, ds_config
@@ -130,16 +141,23 @@ def _run_ds_to_universal(ckpt: Path, out: Path) -> Optional[str]:
     tmp = ckpt / (UNIVERSAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    args = Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+    muon = saved_layout(ckpt)["optimizer"] == "muon"
+    source = muon_universal.placeholder_copy(ckpt) if muon else ckpt
+    args = Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # its progress goes to the log, not to our stdout / --json
             ds_to_universal.main(args)
+        if muon:
+            muon_universal.drop_placeholders(tmp, read_marker(ckpt)["model_config"])
     except Exception as e:  # DeepSpeed raises asserts and bare exceptions here: turn them into one line
         shutil.rmtree(tmp, ignore_errors=True)
         return (f"DeepSpeed could not convert {ckpt} to a universal checkpoint ({describe(e)}); resume it with "
                 "the ZeRO config and rank count it was saved under")
+    finally:
+        if muon:
+            shutil.rmtree(source, ignore_errors=True)
     (tmp / "convert.log").write_text(log.getvalue())
     # ds_to_universal names the output folder in a `latest_universal` file beside it; ours is found by path.
     (ckpt / "latest_universal").unlink(missing_ok=True)
