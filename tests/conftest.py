@@ -31,7 +31,8 @@ def no_engine(monkeypatch, tmp_path):
 
 @pytest.fixture(autouse=True, scope="session")
 def _remove_shm_buffers():
-    """deepspeed_allreduce_buffer_* files (~69 MB per rank) outlive even clean exits; a killed run's certainly do."""
+    """The trainer unlinks DeepSpeed's /dev/shm all-reduce buffers (~69 MB per rank) right after start-up; a launch
+    killed before that point would still leave them, and /dev/shm is RAM."""
     yield
     from helpers import remove_shm_buffers
 

@@ -106,10 +106,14 @@ def events(run_dir) -> list[dict]:
     return _json_lines(Path(run_dir) / "events.jsonl")
 
 
+def shm_buffers() -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm named after the launches of this test session."""
+    return [f for port in PORTS for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+
+
 def remove_shm_buffers() -> None:
-    for port in PORTS:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+    for f in shm_buffers():
+        f.unlink(missing_ok=True)
 
 
 # ---- a dataset and model that produce non-finite steps where chosen ------------------------------------

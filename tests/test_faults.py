@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_ARGS, run_cli, start_cli, training_records
+from helpers import TINY_ARGS, run_cli, shm_buffers, start_cli, training_records
 from trainer import checkpoint
 from trainer.errors import UserError
 
@@ -124,6 +124,7 @@ def test_kill9_process_group_then_resume_is_bitwise(data, reference, tmp_path, w
         kill_group_when(proc, saving_now(run_dir, rng.randrange(2, STEPS - 2, 2)))
     assert proc.returncode == -signal.SIGKILL
     assert max([r["step"] for r in logged(run_dir)], default=0) < STEPS, "killed after the end: nothing to resume"
+    assert not shm_buffers(), "a killed 2-rank run left DeepSpeed's all-reduce buffers in /dev/shm (RAM)"
     assert_complete_checkpoints_sound(run_dir)
 
     resumed = run(pretrain_args(data, run_dir, "--json"))

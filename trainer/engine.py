@@ -39,6 +39,20 @@ def init_distributed() -> None:
     deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
+    _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """On CPU, DeepSpeed's shared-memory all-reduce gives every rank a ~69 MB /dev/shm buffer that it never
+    unlinks: each multi-rank run (killed or not) would leave them behind until /dev/shm, which is RAM, is
+    full. Once every rank has mapped every buffer (init returned everywhere: the barrier), the names can go;
+    the mappings live on until the processes exit, however they exit."""
+    if dist.world_size() == 1 or torch.cuda.is_available():
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.rank()}")
+    dist.barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _destroy_process_group_at_exit() -> None:
