@@ -68,22 +68,29 @@ def test_worker_count_does_not_change_a_byte(tmp_path):
         assert shard.read_bytes() == (tmp_path / "w2" / shard.name).read_bytes()
 
 
+def interrupt_on_write(monkeypatch, n: int) -> None:
+    """Ctrl-C as the conversion writes its n-th shard (the earlier ones are written for real)."""
+    import trainer.convert as conv
+
+    real, calls = conv.write_shard, {"n": 0}
+
+    def write_shard(path, tokens, vocab_size=None):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(path, tokens, vocab_size=vocab_size)
+
+    monkeypatch.setattr(conv, "write_shard", write_shard)
+
+
 def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, monkeypatch):
     import trainer.convert as conv
 
     out = tmp_path / "out"
     reference = tmp_path / "ref"
     convert("pydoc", "bytes", reference, shard_tokens=50_000, val_tokens=10_000, progress=False)
-    calls = {"n": 0}
     real = conv.write_shard
-
-    def crash_on_third(path, tokens, vocab_size=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(path, tokens, vocab_size=vocab_size)
-
-    monkeypatch.setattr(conv, "write_shard", crash_on_third)
+    interrupt_on_write(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=10_000, progress=False)
     assert not (out / "meta.json").exists()
@@ -120,15 +127,8 @@ def test_default_split_resumes_byte_identical(tmp_path, monkeypatch):
     import trainer.convert as conv
 
     convert("pydoc", "bytes", tmp_path / "ref", shard_tokens=40_000, progress=False)
-    real, calls = conv.write_shard, {"n": 0}
-
-    def crash_on_fourth(path, tokens, vocab_size=None):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(path, tokens, vocab_size=vocab_size)
-
-    monkeypatch.setattr(conv, "write_shard", crash_on_fourth)
+    real = conv.write_shard
+    interrupt_on_write(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         convert("pydoc", "bytes", tmp_path / "out", shard_tokens=40_000, progress=False)
     monkeypatch.setattr(conv, "write_shard", real)
