@@ -126,7 +126,7 @@ def cmd_gpu(args) -> None:
 
     from models import GPT
     from trainer import engine, memory
-    from trainer.ds_config import build_ds_config, load_ds_config
+    from trainer.ds_config import build_ds_config, load_ds_config, uses_muon
     from trainer.optim import param_groups
 
     if not torch.cuda.is_available():
@@ -136,6 +136,9 @@ def cmd_gpu(args) -> None:
     model = GPT(cfg)
     model.set_activation_checkpointing(args.activation_checkpointing)
     base = load_ds_config(args.ds_config)
+    if uses_muon(base):
+        sys.exit(f"{args.ds_config} uses Muon: the estimate and this check count AdamW's optimizer state; "
+                 "pass an AdamW config")
     ds_config = build_ds_config(base, micro_batch=args.micro_batch, grad_accum=1, world_size=1, grad_clip=1.0,
                                 lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     eng = engine.initialize(model, param_groups(model, 0.1), ds_config)

@@ -120,8 +120,9 @@ def _params(run_dir: Path) -> int:
 
     import models
 
+    config = models.ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     with torch.device("meta"):
-        return models.GPT(models.ModelConfig(**json.loads((run_dir / "model_config.json").read_text()))).num_params()
+        return models.GPT(config).num_params()
 
 
 def tokens_to_reach(curve: list, target: float):

@@ -242,11 +242,15 @@ def main(argv=None):
     args = parse_args(argv)
 
     from trainer import dist, engine as ds_engine, hostmem
-    from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path, zero_stage
+    from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path, uses_muon, zero_stage
     from trainer.ds_config import precision as ds_precision
     from trainer.data import Dataset, TrainStream
     from trainer.errors import UserError
 
+    if uses_muon(load_ds_config(args.ds_config)):
+        raise UserError(f"{args.ds_config} uses Muon; this benchmark runs ours and Hugging Face's model through "
+                        "the same AdamW config (Muon's groups are our blocks' matrices): pass an AdamW config. "
+                        "bench/sample_efficiency.py reports Muon runs' tokens/s")
     ds_engine.init_distributed()
     hostmem.keep_freed_memory(ds_engine.device())  # as trainer/pretrain.py does
     world = dist.world_size()

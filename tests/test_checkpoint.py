@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trainer import checkpoint
+from trainer.checkpoint.store import write_marker
 from trainer.errors import UserError
 
 
@@ -102,6 +103,38 @@ def test_layout_mismatch_is_detected_before_the_engine_exists(tmp_path):
     assert checkpoint.needs_conversion(ckpt, 1, {"zero_optimization": {"stage": 2}})  # bf16 -> fp32
     offload = {**zero2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     assert checkpoint.needs_conversion(ckpt, 1, offload)
+
+
+def test_the_optimizer_must_match_but_only_muon_against_the_rest(tmp_path):
+    """A marker from before the optimizer was recorded, or of another Adam-type JSON, loads as before; a Muon
+    checkpoint does not load into an AdamW run (their states differ) and the other way round."""
+    ckpt = checkpoint.save(FakeEngine(), tmp_path, 3, client(3))
+    marker = checkpoint.read_marker(ckpt)
+    zero2 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    for recorded in (None, "adam", "AdamW"):
+        write_marker(ckpt, {k: v for k, v in marker.items() if k != "optimizer"}
+                     | ({"optimizer": recorded} if recorded else {}))
+        assert checkpoint.prepare_resume(ckpt, 1, zero2, global_batch=8) == (ckpt, zero2)
+        with pytest.raises(UserError, match="trained with the adamw optimizer.*uses muon.*--init-from"):
+            checkpoint.prepare_resume(ckpt, 1, {**zero2, "optimizer": {"type": "Muon"}}, global_batch=8)
+    write_marker(ckpt, {**marker, "optimizer": "muon"})
+    with pytest.raises(UserError, match="trained with the muon optimizer"):
+        checkpoint.prepare_resume(ckpt, 1, zero2, global_batch=8)
+
+
+def test_a_model_option_added_after_a_checkpoint_counts_as_off_in_it():
+    """A checkpoint's model_config written before qk_norm / relu_squared / logit_softcap existed describes a
+    model without them: resuming it with one turned on is another architecture, named."""
+    import dataclasses
+
+    import models
+
+    mine = dataclasses.asdict(models.get_config("tiny", vocab_size=257))
+    old = {k: v for k, v in mine.items() if k not in ("qk_norm", "relu_squared", "logit_softcap", "zero_init_proj")}
+    assert checkpoint.architecture_differences(old, mine) == []
+    assert checkpoint.architecture_differences(old, {**mine, "relu_squared": True}) == [("relu_squared", False, True)]
+    assert checkpoint.architecture_differences(old, {**mine, "logit_softcap": 15.0}) == [("logit_softcap", 0.0, 15.0)]
+    assert checkpoint.architecture_differences(old, {**mine, "zero_init_proj": True}) == []  # initialisation only
 
 
 def test_global_batch_change_and_zero0_crossing_are_clear_errors(tmp_path):

@@ -82,7 +82,7 @@ def test_changed_optimizer_settings_take_effect_on_resume(data, tmp_path):
     run = tmp_path / "run"
     pretrain(data, run, "zero2_bf16", 1, "--stop-after-steps", "3")
     proc = pretrain(data, run, "zero2_bf16", 1, "--lr", "1e-3", "--min-lr", "1e-4", "--beta2", "0.99", "--eps", "1e-6",
-                    "--weight-decay", "0.05", "--max-steps", "8")
+                    "--weight-decay", "0.05", "--max-steps", "8", "--muon-lr", "0.05")  # (no Muon: not reported)
     assert ("resuming with changed settings, in effect from step 4: lr 0.003 -> 0.001; min-lr 0.0003 -> 0.0001; "
             "beta2 0.95 -> 0.99; eps 1e-08 -> 1e-06; weight-decay 0.1 -> 0.05; run length 6 -> 8 steps (the LR "
             "schedule now ends at step 8)") in proc.stdout

@@ -9,10 +9,10 @@ The fp32 master weights are gathered by trainer.checkpoint's consolidation (Deep
 into a model rebuilt from the ModelConfig stored in the checkpoint (so a tied lm_head comes back
 tied, DeepSpeed issues #1896 / #3824), and written as `model.safetensors` + `config.json`. With
 `--hf` the directory is what `transformers.AutoModelForCausalLM.from_pretrained` loads
-(GPT2LMHeadModel for GPT-2, LlamaForCausalLM for GPT-2.5), and the export is checked by reloading it
-with transformers and comparing logits with ours on a sample. A fine-tuned model's chat template goes
-with it: as `chat_template` in tokenizer_config.json (so `pipeline("text-generation")` takes chat
-messages) and as sft_template.json (read by `generate --chat`).
+(GPT2LMHeadModel for GPT-2, LlamaForCausalLM for GPT-2.5, Qwen3ForCausalLM with QK-norm), and the export
+is checked by reloading it with transformers and comparing logits with ours on a sample. A fine-tuned
+model's chat template goes with it: as `chat_template` in tokenizer_config.json (so
+`pipeline("text-generation")` takes chat messages) and as sft_template.json (read by `generate --chat`).
 """
 import json
 import sys

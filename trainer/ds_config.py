@@ -1,7 +1,8 @@
 """The DeepSpeed JSON: find it, read it, and write the trainer's numbers into it.
 
 The JSON owns the ZeRO stage, precision, offload and optimizer type; the trainer owns batch sizes,
-accumulation, clipping, learning rate, betas, eps and weight decay and writes them in. A JSON that
+accumulation, clipping, learning rate, betas, eps and weight decay (with Muon also muon_lr, adam_lr and
+momentum) and writes them in. A JSON that
 sets a trainer-owned key to a different value is refused with the key named, so a run never silently
 uses numbers the user did not choose. Pure dictionaries: nothing here imports deepspeed.
 """

@@ -6,7 +6,7 @@
                        RUN/step_NNNNNNN or RUN/NNN (a step number)
   consolidated dir     model.safetensors + config.json (our ModelConfig), as written by models.save
                        and tools/zero_to_fp32.py, plus tokenizer_spec.txt (see write_tokenizer_spec)
-  HF model dir         config.json with a `model_type` (GPT2LMHeadModel / LlamaForCausalLM)
+  HF model dir         config.json with a `model_type` (GPT2LMHeadModel / LlamaForCausalLM / Qwen3ForCausalLM)
   hub name             e.g. `gpt2`, `openai-community/gpt2-medium` (needs the hub or its local cache)
 DeepSpeed checkpoints are consolidated in memory from the ZeRO files (trainer.checkpoint), so no
 manual zero_to_fp32 step is needed; the ModelConfig and tokenizer spec travel in the client_state, and

@@ -227,7 +227,7 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
         client = checkpointer.load(engine)
         state = TrainState.from_client_state(client)
         dist.print0(f"resumed from {checkpointer.resume_from} at step {state.step} ({state.tokens:,} tokens seen)")
-        _report_changes(client, cfg, steps, state.step)
+        _report_changes(client, cfg, steps, state.step, muon)
     checkpointer.start_timeline(state.step)
     # DeepSpeed restored the checkpoint's betas / eps / weight decay: this run's settings apply from here on.
     apply_hyperparameters(engine.optimizer, group_names(groups), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -240,11 +240,12 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
                stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
 
 
-def _report_changes(client: dict, cfg: TrainConfig, steps: int, step: int) -> None:
-    """One line naming every setting that differs from the checkpoint's run; they apply from `step` on."""
+def _report_changes(client: dict, cfg: TrainConfig, steps: int, step: int, muon: bool) -> None:
+    """One line naming every setting that differs from the checkpoint's run; they apply from `step` on
+    (Muon's settings only in a run with Muon: elsewhere they change nothing)."""
     saved = client.get("train_config") or {}
     changes = [f"{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}" for k in RESUMABLE_CHANGES
-               if k in saved and saved[k] != getattr(cfg, k)]
+               if k in saved and saved[k] != getattr(cfg, k) and (muon or not k.startswith("muon_"))]
     saved_steps = client.get("total_steps", saved.get("max_steps"))
     if isinstance(saved_steps, int) and saved_steps != steps:
         changes.append(f"run length {saved_steps} -> {steps} steps (the LR schedule now ends at step {steps})")

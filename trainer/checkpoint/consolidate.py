@@ -27,9 +27,18 @@ NOT_ARCHITECTURE = ("dropout", "zero_init_proj")
 
 
 def architecture_differences(saved: dict, mine: dict, tolerate: tuple = ()) -> list[tuple]:
-    """(field, saved value, my value) for every architecture field that differs (a missing one counts as equal)."""
+    """(field, saved value, my value) for every architecture field that differs. A field the saved config
+    predates had its ModelConfig default then (a model option added later, such as qk_norm, was off); one
+    without a fixed default (derived in ModelConfig) counts as equal."""
+    import dataclasses
+
+    import models
+
+    defaults = {f.name: f.default for f in dataclasses.fields(models.ModelConfig)
+                if f.default is not dataclasses.MISSING and f.default is not None}
     skip = set(NOT_ARCHITECTURE) | set(tolerate)
-    return [(k, saved.get(k), v) for k, v in mine.items() if k not in skip and saved.get(k, v) != v]
+    was = {k: saved.get(k, defaults.get(k, v)) for k, v in mine.items()}
+    return [(k, was[k], v) for k, v in mine.items() if k not in skip and was[k] != v]
 
 
 def check_model(ckpt, model_config: dict) -> None:
@@ -100,7 +109,7 @@ def _zero0_fp32_master(states: dict, client: dict) -> Optional[dict]:
     if not (flats or per_param) or "model_config" not in client:
         return None
     import models
-    from trainer.engine import uses_muon
+    from trainer.ds_config import uses_muon
     from trainer.optim import param_groups
 
     with torch.device("meta"):

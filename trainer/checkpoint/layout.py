@@ -29,13 +29,19 @@ def engine_layout(engine) -> dict:
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     return {"world_size": dist.world_size(), "zero_stage": int(engine.zero_optimization_stage()),
             "precision": precision, "offload": bool(engine.zero_use_cpu_optimizer()),
-            "optimizer": str(engine.optimizer_name()).lower()}
+            "optimizer": optimizer_kind(engine.optimizer_name())}
 
 
 def config_layout(world_size: int, ds_config: dict) -> dict:
     """The same, for an engine about to be built from `ds_config` (read before deepspeed.initialize)."""
     return {"world_size": world_size, "zero_stage": zero_stage(ds_config), "precision": precision(ds_config),
-            "offload": offloads_optimizer(ds_config), "optimizer": optimizer_type(ds_config)}
+            "offload": offloads_optimizer(ds_config), "optimizer": optimizer_kind(optimizer_type(ds_config))}
+
+
+def optimizer_kind(name) -> str:
+    """muon, or adamw for every other optimizer type: what decides whether a checkpoint's optimizer state can
+    load (Muon's groups hold a momentum where Adam's hold two moments)."""
+    return "muon" if str(name).lower() == "muon" else "adamw"
 
 
 def _describe(layout: dict) -> str:
@@ -47,10 +53,10 @@ def _describe(layout: dict) -> str:
 
 def saved_layout(ckpt: Path) -> dict:
     """The layout a checkpoint was written under, from its marker (older markers lack precision/offload, and
-    the optimizer: they were all AdamW)."""
+    the optimizer: they were all Adam-type)."""
     marker = read_marker(ckpt)
-    return {"optimizer": "adamw", **{k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload",
-                                                             "optimizer") if k in marker}}
+    layout = {k: marker[k] for k in ("world_size", "zero_stage", "precision", "offload") if k in marker}
+    return {**layout, "optimizer": optimizer_kind(marker.get("optimizer", "adamw"))}
 
 
 def needs_conversion(ckpt: Path, world_size: int, ds_config: dict) -> bool:

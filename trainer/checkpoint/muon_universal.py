@@ -56,7 +56,7 @@ def drop_placeholders(universal: Path, model_config: dict) -> None:
     from trainer.optim import muon_params
 
     with torch.device("meta"):
-        model = models.GPT(models.ModelConfig(**model_config))
+        model = models.GPT(models.ModelConfig.from_dict(model_config))
     chosen = {id(p) for p in muon_params(model)}
     for name in (n for n, p in model.named_parameters() if id(p) in chosen):
         for key in PLACEHOLDERS:
