@@ -86,7 +86,9 @@ def test_the_older_bfloat16_spelling_is_bf16():
 
 
 @pytest.mark.parametrize("name, dtype", [("zero2_bf16", "fp32"), ("zero2_offload_bf16", "fp32"), ("zero3_bf16", "fp32"),
-                                         ("zero1_bf16", None), ("zero0_bf16", None)])
+                                         ("zero1_bf16", None), ("zero0_bf16", None), ("zero2_muon_bf16", "fp32"),
+                                         ("zero3_muon_bf16", "fp32"), ("zero1_muon_bf16", None),
+                                         ("zero0_muon_bf16", None)])
 def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_allows(name, dtype):
     """Read the way DeepSpeed reads it (None: the model's dtype, bf16)."""
     from deepspeed.runtime.config import get_data_types_params
