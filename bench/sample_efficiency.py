@@ -202,7 +202,7 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=2_457_600, help="training tokens per run (the budget)")
-    parser.add_argument("--baseline-lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3])
+    parser.add_argument("--baseline-lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3, 1.2e-2])
     parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
     parser.add_argument("--evals", type=int, default=12, help="validation evaluations per run")
     parser.add_argument("--eval-batches", type=int, default=16)
