@@ -1,6 +1,6 @@
 """Random run timelines on one run directory, every invariant checked after every operation.
 
-    python bench/timelines.py --seeds 50            # 50 timelines (about a minute each on 2 CPU cores)
+    python bench/timelines.py --seeds 50            # 50 timelines (one to three minutes each on 2 CPU cores)
     python bench/timelines.py --seeds 5 --first 100 --ops 10 --json
 
 A timeline is a seeded sequence of operations on one run directory of the tiny preset (2 ranks,

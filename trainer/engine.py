@@ -4,6 +4,7 @@ trainer/checkpoint/ only.
 """
 import atexit
 import contextlib
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -19,10 +20,60 @@ def import_deepspeed():
     """deepspeed, with its log lines on stderr. Its logger's handler takes sys.stdout when the package
     is first imported, and logs the accelerator choice right then; our stdout carries results
     (generated text, --json), so the first import happens with stdout pointing at stderr."""
+    _lock_op_builds_with_flock()
     if "deepspeed" not in sys.modules:
         with contextlib.redirect_stdout(sys.stderr):
             import deepspeed  # noqa: F401
     return sys.modules["deepspeed"]
+
+
+class _FlockBaton:
+    """torch.utils.cpp_extension's build lock, held with flock instead of by the file's existence.
+
+    DeepSpeed JIT-loads its ops (fused Adam, CPU Adam, the CPU all-reduce) through torch, which takes a
+    `lock` file in the op's build directory for every load, even when nothing needs building, and
+    deletes it afterwards. A process killed in that second (kill -9, a preempted node) leaves the file,
+    and every later run of any program waits for it forever, silently, inside deepspeed.initialize. An
+    flock dies with its process: a leftover file is simply taken over. Same file, same deletion on
+    release, so programs using torch's own lock still wait for ours."""
+
+    def __init__(self, lock_file_path, wait_seconds=0.1, warn_after_seconds=None):
+        self.lock_file_path = lock_file_path
+        self.fd = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.lock_file_path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def wait(self) -> None:
+        """Until the holder releases (it deletes the file, then its flock goes)."""
+        try:
+            fd = os.open(self.lock_file_path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock_file_path)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_op_builds_with_flock() -> None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.FileBaton = _FlockBaton
 
 
 def init_distributed() -> None:
@@ -88,7 +139,7 @@ def check_precision_supported(config: dict) -> None:
 def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
     """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py).
     With Muon, each group's `use_muon` says which optimizer updates its parameters."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     check_precision_supported(ds_config)
     with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
@@ -157,6 +208,7 @@ def op_status(build: bool = False) -> dict:
     """
     import importlib.util
 
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
