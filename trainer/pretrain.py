@@ -178,12 +178,13 @@ class Run:
         return lr_at(step, max_lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps, total_steps=self.total_steps,
                      schedule=c.schedule, decay_frac=c.decay_frac)
 
-    def muon_lr_at(self, step: int) -> Optional[float]:
-        """The Muon group's rate: the same schedule, scaled to peak at --muon-lr (None without Muon)."""
-        return self.lr_at(step) * self.cfg.muon_lr / self.cfg.lr if self.muon else None
-
-    def set_lr(self, step: int) -> None:
-        set_lr(self.engine.optimizer, self.groups, self.lr_at(step), self.muon_lr_at(step))
+    def set_lr(self, step: int) -> tuple[float, Optional[float]]:
+        """Put step `step`'s rates into the optimizer and return them: lr, and the Muon group's rate (the
+        same schedule, scaled to peak at --muon-lr; None without Muon)."""
+        lr = self.lr_at(step)
+        muon_lr = lr * self.cfg.muon_lr / self.cfg.lr if self.muon else None
+        set_lr(self.engine.optimizer, self.groups, lr, muon_lr)
+        return lr, muon_lr
 
     def client_state(self) -> dict:
         """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
@@ -327,8 +328,7 @@ def train(run: Run) -> str:
     state, engine, cfg = run.state, run.engine, run.cfg
     while state.step < run.total_steps:
         started = time.perf_counter()
-        lr, muon_lr = run.lr_at(state.step), run.muon_lr_at(state.step)
-        run.set_lr(state.step)
+        lr, muon_lr = run.set_lr(state.step)
         loss, skipped = train_step(run)
         last = state.step >= run.total_steps
         grad_norm = engine.get_global_grad_norm() if run.grad_norm_reported else None
