@@ -2,6 +2,7 @@
 modules, which never import each other; pytest puts tests/ on sys.path)."""
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -102,6 +103,23 @@ def training_records(run_dir) -> list[dict]:
     return [r for r in metrics(run_dir) if "loss" in r]
 
 
+def step_records(run_dir) -> list[dict]:
+    """One training record per step (a resumed run appends; the last record of a step wins)."""
+    last = {r["step"]: r for r in training_records(run_dir)}
+    return [last[s] for s in sorted(last)]
+
+
+def curve(run_dir, key: str) -> list:
+    return [r[key] for r in step_records(run_dir)]
+
+
+def warmup_cosine(step: int, max_lr: float, min_lr: float, total: int, warmup: int = 2) -> float:
+    """Linear warmup + cosine to min_lr at `total`, written out independently of trainer/optim.py."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
+
+
 def events(run_dir) -> list[dict]:
     return _json_lines(Path(run_dir) / "events.jsonl")
 
@@ -127,7 +145,6 @@ def poisoned(data_dir, out, steps, seq: int = 64, global_batch: int = 8, seed: i
 
     POISON is byte 0xFF (never in UTF-8 text, so nowhere else in the corpus): exactly the batches holding it
     produce a NaN loss and NaN gradients; every other batch never reads that row."""
-    import models
     from trainer.data import Dataset, TrainStream, write_shard
 
     dataset_dir = out / "data"
@@ -159,6 +176,10 @@ def poisoned(data_dir, out, steps, seq: int = 64, global_batch: int = 8, seed: i
     models.save(model, out / "model")
     return dataset_dir, out / "model"
 
+
+def equal_state(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bitwise equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

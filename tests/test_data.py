@@ -84,19 +84,16 @@ def interrupt_on_write(monkeypatch, n: int) -> None:
 
 
 def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, monkeypatch):
-    import trainer.convert as conv
-
     out = tmp_path / "out"
     reference = tmp_path / "ref"
     convert("pydoc", "bytes", reference, shard_tokens=50_000, val_tokens=10_000, progress=False)
-    real = conv.write_shard
     interrupt_on_write(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=10_000, progress=False)
     assert not (out / "meta.json").exists()
     first_two = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
     assert len(first_two) == 2
-    monkeypatch.setattr(conv, "write_shard", real)
+    monkeypatch.undo()  # the real write_shard again
     convert("pydoc", "bytes", out, shard_tokens=50_000, val_tokens=10_000, progress=False)
     assert all((out / name).stat().st_mtime_ns == t for name, t in first_two.items())  # not rewritten
     assert sorted(p.name for p in out.glob("*.bin")) == sorted(p.name for p in reference.glob("*.bin"))
@@ -124,14 +121,11 @@ def test_default_validation_split_fits_a_small_corpus(tmp_path, monkeypatch):
 
 
 def test_default_split_resumes_byte_identical(tmp_path, monkeypatch):
-    import trainer.convert as conv
-
     convert("pydoc", "bytes", tmp_path / "ref", shard_tokens=40_000, progress=False)
-    real = conv.write_shard
     interrupt_on_write(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         convert("pydoc", "bytes", tmp_path / "out", shard_tokens=40_000, progress=False)
-    monkeypatch.setattr(conv, "write_shard", real)
+    monkeypatch.undo()  # the real write_shard again
     convert("pydoc", "bytes", tmp_path / "out", shard_tokens=40_000, progress=False)
     names = sorted(p.name for p in (tmp_path / "ref").glob("*.bin"))
     assert names == sorted(p.name for p in (tmp_path / "out").glob("*.bin")) and len(names) > 4

@@ -22,7 +22,7 @@ from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spe
 from trainer.tokenizer import get_tokenizer
 from tools.pydoc_tasks import write_rolling_task
 
-from helpers import random_model, run_cli, single_process_env
+from helpers import equal_state, random_model, run_cli, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -270,8 +270,7 @@ def run_dir(tmp_path_factory):
 
 
 def same_weights(a: models.GPT, b: models.GPT) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return equal_state(a.state_dict(), b.state_dict())
 
 
 def test_run_dir_checkpoint_and_tag_resolve_to_the_right_weights(run_dir):

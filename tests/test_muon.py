@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import models
-from helpers import drive, poisoned, run_cli, same
+from helpers import curve, drive, equal_state, poisoned, run_cli, same, step_records, warmup_cosine
 from trainer.ds_config import build_ds_config, load_ds_config
 from trainer.errors import UserError
 from trainer.optim import MUON, param_groups
@@ -123,19 +123,6 @@ def session(data, ref2, tmp_path_factory):
     return {"errors": {name: results[name].get("error") for name, _ in runs}, **{name: tmp / name for name, _ in runs}}
 
 
-def records(run: Path) -> list[dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r  # a resumed run appends; the last record of a step wins
-    return [out[s] for s in sorted(out)]
-
-
-def curve(run: Path, key: str) -> list:
-    return [r.get(key) for r in records(run)]
-
-
 def weights(run: Path, step: int) -> dict:
     from trainer.checkpoint import consolidated_state_dict
 
@@ -225,17 +212,14 @@ def test_zero0_pause_and_resume_is_bitwise(session):
     ref, resumed = session["z0_ref"], session["z0_resumed"]
     for key in ("loss", "lr", "muon_lr", "grad_norm"):
         assert curve(resumed, key) == curve(ref, key)[PAUSE:], key
-    assert all(torch.equal(a, b) for a, b in zip(weights(resumed, 9).values(), weights(ref, 9).values()))
+    assert equal_state(weights(resumed, 9), weights(ref, 9))
 
 
 def test_both_rates_follow_one_schedule_and_a_changed_muon_lr_applies_on_resume(session):
     """lr and muon_lr are the same warmup + cosine (written out here, not taken from trainer/optim.py), scaled
     to --lr and --muon-lr; resuming with another --muon-lr changes Muon's rate from the next step on."""
     def rate(step, peak):  # linear warmup over 2 steps, then cosine to a tenth of the peak at step 9
-        floor = peak / 10
-        if step < 2:
-            return peak * (step + 1) / 2
-        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (step - 2) / (9 - 2)))
+        return warmup_cosine(step, peak, peak / 10, total=9)
 
     assert curve(session["z0_ref"], "lr") == pytest.approx([rate(s, 3e-3) for s in range(9)])
     assert curve(session["z0_ref"], "muon_lr") == pytest.approx([rate(s, 0.02) for s in range(9)])
@@ -249,7 +233,7 @@ def test_zero2_two_ranks_pause_and_resume_is_bitwise(data, ref2, tmp_path):
               "--resume", str(ref2 / "checkpoints" / f"step_{PAUSE:07d}"))
     for key in ("loss", "lr", "muon_lr"):
         assert curve(run, key) == curve(ref2, key)[PAUSE:], key
-    assert all(torch.equal(a, b) for a, b in zip(weights(run, 9).values(), weights(ref2, 9).values()))
+    assert equal_state(weights(run, 9), weights(ref2, 9))
 
 
 def test_universal_resume_onto_zero1_one_rank_carries_weights_and_adamw(session, ref2):
@@ -265,10 +249,11 @@ def test_universal_resume_onto_zero1_one_rank_carries_weights_and_adamw(session,
 @pytest.mark.parametrize("name", ["nan_z0", "nan_z2"])
 def test_a_nonfinite_step_is_skipped_and_leaves_weights_and_momentum_alone(session, name):
     run = session[name]
-    steps = records(run)
+    steps = step_records(run)
     assert [r["skipped"] for r in steps] == [0, 0, 1, 1, 1] and all(math.isfinite(r["loss"]) for r in steps[3:])
     assert not math.isfinite(steps[2]["loss"])
     before, after = weights(run, 2), weights(run, 3)
+    assert before.keys() == after.keys()
     assert all(same(before[k], after[k]) for k in before)  # (the poisoned embedding row stays NaN)
     assert steps[4]["loss"] < steps[0]["loss"]
     momentum = [_muon_momentum(run / "checkpoints" / f"step_{s:07d}") for s in (2, 3)]

@@ -4,13 +4,12 @@ The test hook lives in the tests, not in production code: helpers.poisoned makes
 for chosen steps hold byte 0xFF and a model (for `--init-from`) whose embedding row for that byte is NaN.
 """
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_ARGS, poisoned, run_cli, same, training_records
+from helpers import TINY_ARGS, poisoned, run_cli, same, training_records, warmup_cosine
 from trainer import checkpoint, recovery
 from trainer.errors import UserError
 from trainer.state import TrainState
@@ -22,13 +21,6 @@ ARGS = [*TINY_ARGS, "--global-batch", str(GLOBAL_BATCH), "--max-steps", "10", "-
 
 def pretrain(data, out, *extra, check=True):
     return run_cli(["pretrain", *ARGS, "--data", str(data), "--out", str(out), *extra], ranks=2, check=check)
-
-
-def cosine_lr(step, max_lr=3e-3, min_lr=3e-4, warmup=2, total=10):
-    """The schedule of ARGS, written out independently of trainer/optim.py."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
 
 
 def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(data, tmp_path):
@@ -44,7 +36,8 @@ def test_nonfinite_steps_are_skipped_counted_then_rolled_back_past_the_bad_data(
     assert all(np.isnan(r["loss"]) for r in bad) and [r["skipped"] for r in bad] == [1, 2]  # counted
     # A skipped update uses up its step of the schedule: every step's rate is the uninterrupted schedule's,
     # step 6 has the same rate when it runs again after the rollback, and the run ends on the final rate.
-    assert [r["lr"] for r in records] == pytest.approx([cosine_lr(s - 1) for s in steps], rel=1e-12)
+    expected = [warmup_cosine(s - 1, 3e-3, 3e-4, total=10) for s in steps]  # ARGS' schedule
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
     assert all(np.isfinite(r["loss"]) for r in records[:4] + records[6:])
     assert "step 5: non-finite gradients, update skipped on all ranks" in proc.stdout
     assert "rolled back to step_0000005 (rollback 1 of at most 3) after 2 non-finite steps" in proc.stdout

@@ -8,14 +8,13 @@ restore is what makes it exact). Params and Adam moments are compared after each
 that builds the engine the way pretrain does and dumps DeepSpeed's full fp32 views.
 """
 import json
-import math
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_ARGS, events, run_cli, training_records
+from helpers import TINY_ARGS, curve, events, run_cli, step_records, warmup_cosine
 
 STEPS = 6
 ARGS = [*TINY_ARGS, "--global-batch", "8", "--max-steps", str(STEPS), "--save-every", "3", "--keep-last", "0",
@@ -27,22 +26,12 @@ def pretrain(data, out, ds_config, ranks, *extra, check=True):
                    ranks=ranks, check=check, timeout=900)
 
 
-def records(run: Path) -> list[dict]:
-    """One training record per step (a resumed run appends; the last record of a step wins)."""
-    last = {r["step"]: r for r in training_records(run)}
-    return [last[s] for s in sorted(last)]
-
-
-def curve(run: Path, key: str) -> list:
-    return [r[key] for r in records(run)]
-
-
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """The uninterrupted run: 2 ranks, ZeRO-2 bf16, 6 steps."""
     run = tmp_path_factory.mktemp("ref") / "run"
     pretrain(data, run, "zero2_bf16", 2)
-    assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in step_records(run)] == list(range(1, STEPS + 1))
     return run
 
 
@@ -51,7 +40,7 @@ def test_resuming_a_mid_run_checkpoint_equals_uninterrupted_bitwise(data, refere
     run = tmp_path / "run"
     proc = pretrain(data, run, "zero2_bf16", 2, "--resume", str(reference / "checkpoints" / "step_0000003"))
     assert "at step 3" in proc.stdout
-    assert [r["step"] for r in records(run)] == [4, 5, 6]
+    assert [r["step"] for r in step_records(run)] == [4, 5, 6]
     for key in ("loss", "lr", "grad_norm"):
         assert curve(run, key) == curve(reference, key)[3:], key  # bitwise: == on floats
 
@@ -69,13 +58,6 @@ def test_paused_and_resumed_run_equals_uninterrupted_bitwise(data, reference, tm
         assert curve(run, key) == curve(reference, key), key  # bitwise: == on floats
 
 
-def cosine(step, max_lr, min_lr, total, warmup=2):
-    """Warmup + cosine, written out independently of trainer/optim.py."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
-
-
 def test_changed_optimizer_settings_take_effect_on_resume(data, tmp_path):
     """DeepSpeed restores the checkpoint's lr, betas, eps and weight decay; the run's flags must win from the
     resume step on (the rollback advice is "lower --lr and resume"), and the run says what changed."""
@@ -90,10 +72,10 @@ def test_changed_optimizer_settings_take_effect_on_resume(data, tmp_path):
     decay, no_decay = starts[1]["decay"], starts[1]["no_decay"]  # read from the optimizer DeepSpeed steps with
     assert (decay["betas"], decay["eps"], decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.05)
     assert (no_decay["betas"], no_decay["eps"], no_decay["weight_decay"]) == ([0.9, 0.99], 1e-6, 0.0)
-    assert decay["lr"] == pytest.approx(cosine(3, 1e-3, 1e-4, 8), rel=1e-12)
+    assert decay["lr"] == pytest.approx(warmup_cosine(3, 1e-3, 1e-4, 8), rel=1e-12)
     applied = curve(run, "lr")
-    assert applied == pytest.approx([cosine(s, 3e-3, 3e-4, 6) for s in range(3)] +
-                                    [cosine(s, 1e-3, 1e-4, 8) for s in range(3, 8)], rel=1e-12)
+    assert applied == pytest.approx([warmup_cosine(s, 3e-3, 3e-4, 6) for s in range(3)] +
+                                    [warmup_cosine(s, 1e-3, 1e-4, 8) for s in range(3, 8)], rel=1e-12)
 
 
 PROBE = textwrap.dedent('''
