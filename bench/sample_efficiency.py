@@ -83,12 +83,18 @@ def speedrun_args(muon_lr: float, model: str = "gpt25-speedrun") -> list[str]:
             "--grad-clip", "0", "--muon-momentum", "0.95"]
 
 
+def tokens_per_step(args) -> int:
+    return args.micro_batch * args.grad_accum * args.seq_len  # one rank
+
+
 def train(name: str, recipe: list[str], tokens: int, args, work: Path) -> dict:
     """One pretrain run in its own process; its validation curve (tokens, loss) and training tokens/s."""
+    from trainer.plot import read_metrics, series
+
     out = work / name
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts over (metrics.jsonl would otherwise append)
-    tokens_per_step = args.micro_batch * args.grad_accum * args.seq_len
-    steps = tokens // tokens_per_step
+    per_step = tokens_per_step(args)
+    steps = tokens // per_step
     yaml = work / f"{name}.yaml"
     yaml.parent.mkdir(parents=True, exist_ok=True)
     yaml.write_text("decay_frac: 0.3\n")  # the wsd schedule's decay window (read only by wsd)
@@ -102,10 +108,10 @@ def train(name: str, recipe: list[str], tokens: int, args, work: Path) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     train_records = [r for r in records if "loss" in r]
-    curve = [(r["step"] * tokens_per_step, r["val_loss"]) for r in records if "val_loss" in r]
-    result = {"name": name, "recipe": " ".join(recipe), "tokens": steps * tokens_per_step, "curve": curve,
+    curve = [(step * per_step, loss) for step, loss in zip(*series(records, "val_loss"))]
+    result = {"name": name, "recipe": " ".join(recipe), "tokens": steps * per_step, "curve": curve,
               "final_val": curve[-1][1],
               # the first window holds the first step's one-time work (torch.compile of the Muon kernels)
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_records[1:]),
@@ -153,7 +159,7 @@ def compare(args, work: Path) -> dict:
     half = train(f"speedrun-muon{muon_lr:g}-half", speedrun_args(muon_lr), args.tokens // 2, args, work)
     result = {"corpus": "CPython stdlib .py sources, byte-level", "data": str(args.data),
               "model": f"{args.n_layer} x {args.n_embd}, {args.n_head} heads, seq {args.seq_len}",
-              "tokens_per_step": args.micro_batch * args.grad_accum * args.seq_len, "budget_tokens": args.tokens,
+              "tokens_per_step": tokens_per_step(args), "budget_tokens": args.tokens,
               "baseline": baseline, "speedrun": speedrun, "best_baseline": best_b["name"],
               "best_speedrun": best_s["name"], "target_val": target, "speedrun_tokens_to_target": reach,
               "ratio": reach / best_b["tokens"] if reach else None, "half_budget_run": half,

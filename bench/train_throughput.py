@@ -247,7 +247,8 @@ def main(argv=None):
     from trainer.data import Dataset, TrainStream
     from trainer.errors import UserError
 
-    if uses_muon(load_ds_config(args.ds_config)):
+    base = load_ds_config(args.ds_config)
+    if uses_muon(base):
         raise UserError(f"{args.ds_config} uses Muon; this benchmark runs ours and Hugging Face's model through "
                         "the same AdamW config (Muon's groups are our blocks' matrices): pass an AdamW config. "
                         "bench/sample_efficiency.py reports Muon runs' tokens/s")
@@ -267,7 +268,7 @@ def main(argv=None):
         dataset = synthetic_dataset(cfg.vocab_size, max(needed, 1 << 20))
     stream = TrainStream(dataset, args.seq_len, global_batch, seed=0)
     ds_config = build_ds_config(
-        load_ds_config(args.ds_config), micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+        base, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         world_size=world, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     precision = ds_precision(ds_config)
     device = ds_engine.device()
