@@ -27,13 +27,3 @@ def no_engine(monkeypatch, tmp_path):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     return cwd
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _remove_shm_buffers():
-    """The trainer unlinks DeepSpeed's /dev/shm all-reduce buffers (~69 MB per rank) right after start-up; a launch
-    killed before that point would still leave them, and /dev/shm is RAM."""
-    yield
-    from helpers import remove_shm_buffers
-
-    remove_shm_buffers()

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The tiny run most end-to-end tests train (each adds its length, cadence and DeepSpeed config).
 TINY_ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
              "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7"]
-PORTS = set()  # master ports of multi-rank launches: DeepSpeed's CPU all-reduce leaves /dev/shm buffers per port
+PORTS = set()  # master ports of multi-rank launches (DeepSpeed's CPU all-reduce would name /dev/shm buffers by them)
 
 
 def launch_env(**extra) -> dict:
@@ -127,11 +127,6 @@ def events(run_dir) -> list[dict]:
 def shm_buffers() -> list[Path]:
     """DeepSpeed's CPU all-reduce buffers in /dev/shm named after the launches of this test session."""
     return [f for port in PORTS for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
-
-
-def remove_shm_buffers() -> None:
-    for f in shm_buffers():
-        f.unlink(missing_ok=True)
 
 
 # ---- a dataset and model that produce non-finite steps where chosen ------------------------------------

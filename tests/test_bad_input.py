@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import cli_command
 from trainer.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,3 +234,17 @@ def test_tools_bad_input(tmp_path):
                  str(tmp_path / "o")], tmp_path)
     assert_one_line_error_proc(proc, "gpt5")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failure_inside_deepspeeds_initialisation_is_one_line_said_once(dataset, tmp_path):
+    """Two ranks, a config that asks for DeepSpeed's FusedAdam, and no C++ compiler to build it: one `Error:`
+    line naming the op, what is missing and the fixes, once for the launch, no traceback from either rank."""
+    from helpers import launch_env
+
+    env = launch_env(CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    cmd = cli_command(["pretrain", *TINY, "--data", str(dataset), "--out", str(tmp_path / "run"), "--ds-config",
+                       "zero2_fusedadam_bf16", "--global-batch", "8"], ranks=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert_one_line_error_proc(proc, "could not build its fused_adam op")
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("Error"))
+    assert "no C++ compiler" in error and "build-essential" in error and '"torch_adam": true' in error

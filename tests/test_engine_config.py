@@ -94,3 +94,50 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_allows(name, dtype):
     from deepspeed.runtime.config import get_data_types_params
 
     assert get_data_types_params(ds_config.load_ds_config(name)).get("grad_accum_dtype") == dtype
+
+
+# ---- which optimizer code runs ----------------------------------------------------------------------
+
+SHIPPED = sorted(p.stem for p in ds_config.DS_CONFIG_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_run_torch_adamw_and_build_nothing(name):
+    """Every shipped config but the two that name DeepSpeed's ops runs torch's AdamW: fused where its state is on
+    a GPU, foreach on a CPU (ZeRO-Offload keeps DeepSpeed's CPU Adam, zero2_fusedadam_bf16 its FusedAdam)."""
+    config = ds_config.load_ds_config(name)
+    gpu, cpu = (ds_config.optimizer_implementation(config, device) for device in ("cuda", "cpu"))
+    if name == "zero2_offload_bf16":
+        assert gpu.op == cpu.op == "cpu_adam" and gpu.label == "DeepSpeed CPUAdam"
+    elif name == "zero2_fusedadam_bf16":
+        assert gpu.op == cpu.op == "fused_adam" and gpu.label == "DeepSpeed FusedAdam"
+    else:
+        assert gpu.op is cpu.op is None
+        assert (gpu.fused, gpu.foreach, cpu.fused, cpu.foreach) == (True, False, False, True)
+        assert gpu.label.endswith("torch.optim.AdamW (fused)") and cpu.label.endswith("torch.optim.AdamW (foreach)")
+        assert gpu.label.startswith("Muon + ") == ("muon" in name)
+
+
+def test_a_json_can_pick_torch_adamw_flags_and_deepspeed_fused_adam():
+    base = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": False, "foreach": False}}}
+    assert ds_config.optimizer_implementation(base, "cuda").label == "torch.optim.AdamW (for-loop)"
+    offloaded = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                 "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    assert ds_config.optimizer_implementation(offloaded, "cuda").adam_flags == {"fused": False, "foreach": True}
+    # DeepSpeed's own default when a JSON does not say: its FusedAdam (a build on first use)
+    assert ds_config.optimizer_implementation({"optimizer": {"type": "Adam"}}, "cuda").op == "fused_adam"
+    with pytest.raises(UserError, match="fused.*foreach"):
+        ds_config.optimizer_implementation(
+            {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": True, "foreach": True}}}, "cpu")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_grad_clip_default_follows_the_optimizer_and_stage(name):
+    """1.0, except Muon under ZeRO-1/2/3, where DeepSpeed's clip would clip Muon's update: off, with the reason."""
+    config = ds_config.load_ds_config(name)
+    clip, why = ds_config.default_grad_clip(config)
+    if "muon" in name and not name.startswith("zero0"):
+        assert clip == 0.0 and "Muon" in why and "\n" not in why
+        ds_config.build_ds_config(config, **{**NUMBERS, "grad_clip": clip})  # the default is accepted
+    else:
+        assert (clip, why) == (1.0, None)

@@ -137,16 +137,17 @@ def test_kill9_process_group_then_resume_is_bitwise(data, reference, tmp_path, w
     assert (checkpoint.checkpoints_dir(run_dir) / "latest").read_text().strip() == checkpoint.tag_for(STEPS)
 
 
+@pytest.mark.extended
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(data, tmp_path):
-    """torch's JIT build lock (a `lock` file beside DeepSpeed's fused Adam op, taken at every load) left by a
-    process killed at that moment made every later run wait forever inside deepspeed.initialize (a random
-    timeline found it). A run now takes such a leftover lock over and removes it."""
+    """torch's JIT build lock (a `lock` file beside a DeepSpeed op such as ZeRO-Offload's CPU Adam, taken at every
+    load) left by a process killed at that moment made every later run wait forever inside deepspeed.initialize
+    (a random timeline found it). A run now takes such a leftover lock over and removes it."""
     from torch.utils.cpp_extension import _get_build_directory
 
     args = ["pretrain", *TINY_ARGS, "--data", str(data), "--max-steps", "1", "--save-every", "0", "--no-tracking",
-            "--ds-config", "zero2_bf16"]
+            "--ds-config", "zero2_offload_bf16"]
     run_cli([*args, "--out", str(tmp_path / "first")])  # the op is built (or loaded) once
-    lock = Path(_get_build_directory("fused_adam", verbose=False)) / "lock"
+    lock = Path(_get_build_directory("cpu_adam", verbose=False)) / "lock"
     lock.touch()  # what kill -9 in the middle of a load leaves
     try:
         run_cli([*args, "--out", str(tmp_path / "second")], timeout=120)

@@ -35,6 +35,7 @@ PAUSE = 7
 ORACLE_STAGES = {  # run name: (ZeRO stage, offload, --grad-clip)
     "z0": (0, False, "1.0"), "z1": (1, False, "0"), "z2": (2, False, "0"), "z3": (3, False, "0"),
     "z2_offload": (2, True, "0")}
+BUILDS_AN_OP = ("z2_offload",)  # ZeRO-Offload's AdamW is DeepSpeed's CPU Adam, a C++ build: the extended suite
 
 
 # ---- which parameters Muon gets -------------------------------------------------------------------
@@ -88,6 +89,13 @@ def fp32_config(tmp: Path, stage: int, offload: bool) -> Path:
     return path
 
 
+def oracle_jobs(data, tmp: Path, names) -> list:
+    """(name, pretrain args) of the ORACLE runs `names` (fp32 configs of each ZeRO stage)."""
+    return [(name, [*ARGS, *ORACLE, "--data", str(data), "--out", str(tmp / name), "--grad-clip", clip,
+                    "--ds-config", str(fp32_config(tmp, stage, offload))])
+            for name, (stage, offload, clip) in ORACLE_STAGES.items() if name in names]
+
+
 @pytest.fixture(scope="module")
 def ref2(data, tmp_path_factory):
     """The reference bf16 run: ZeRO-2 on 2 ranks, 9 steps, checkpoints at 7 and 9."""
@@ -100,9 +108,7 @@ def ref2(data, tmp_path_factory):
 def session(data, ref2, tmp_path_factory):
     """Every 1-rank run, in one process: {name: run dir}, plus "errors": {name: the error line or None}."""
     tmp = tmp_path_factory.mktemp("session")
-    runs = [(name, [*ARGS, *ORACLE, "--data", str(data), "--out", str(tmp / name), "--grad-clip", clip,
-                    "--ds-config", str(fp32_config(tmp, stage, offload))])
-            for name, (stage, offload, clip) in ORACLE_STAGES.items()]
+    runs = oracle_jobs(data, tmp, [name for name in ORACLE_STAGES if name not in BUILDS_AN_OP])
     bf16 = [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero0_muon_bf16"]
     runs += [("z0_ref", [*bf16, "--out", str(tmp / "z0_ref")]),
              ("z0_resumed", [*bf16, "--out", str(tmp / "z0_resumed"),
@@ -113,7 +119,7 @@ def session(data, ref2, tmp_path_factory):
                             "--out", str(tmp / "universal"),
                             "--resume", str(ref2 / "checkpoints" / f"step_{PAUSE:07d}")]),
              ("clip_refused", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero2_muon_bf16",
-                               "--out", str(tmp / "clip_refused")])]
+                               "--grad-clip", "1.0", "--out", str(tmp / "clip_refused")])]
     nan_data, nan_model = poisoned(data, tmp / "nan", steps=[3])
     for name, ds, clip in (("nan_z0", "zero0_muon_bf16", "1.0"), ("nan_z2", "zero2_muon_bf16", "0")):
         runs.append((name, [*ARGS, "--max-steps", "5", "--save-every", "1", "--data", str(nan_data), "--init-from",
@@ -188,13 +194,26 @@ def oracle(data):
     return {clip: plain_muon_run(data, 3, clip) for clip in (1.0, 0.0)}
 
 
-@pytest.mark.parametrize("name", list(ORACLE_STAGES))
+@pytest.mark.parametrize("name", [name for name in ORACLE_STAGES if name not in BUILDS_AN_OP])
 def test_every_zero_stage_takes_the_plain_pytorch_muon_steps(session, oracle, name):
     """Losses and fp32 weights after 3 steps (warmup, accumulation over 2 micro-batches, clipping on
     ZeRO-0) equal the plain-PyTorch Muon's up to fp32 rounding: the Muon update, its learning rate and
     the split between Muon and AdamW are what the recipe says, under every stage."""
+    assert_takes_the_oracle_steps(session[name], oracle, name)
+
+
+@pytest.mark.extended
+def test_zero2_offload_takes_the_plain_pytorch_muon_steps(data, oracle, tmp_path):
+    """As above, with the optimizer offloaded (DeepSpeed's CPU Adam for the AdamW half, built on first use)."""
+    results = drive([{"name": name, "pretrain": args} for name, args in oracle_jobs(data, tmp_path, BUILDS_AN_OP)],
+                    tmp_path)
+    for name in BUILDS_AN_OP:
+        assert results[name].get("error") is None, results[name]
+        assert_takes_the_oracle_steps(tmp_path / name, oracle, name)
+
+
+def assert_takes_the_oracle_steps(run: Path, oracle: dict, name: str) -> None:
     losses, expected = oracle[float(ORACLE_STAGES[name][2])]
-    run = session[name]
     assert curve(run, "loss") == pytest.approx(losses, abs=1e-5)
     assert curve(run, "muon_lr") == pytest.approx([0.01, 0.02, 0.02])
     ours = weights(run, 3)

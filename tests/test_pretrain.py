@@ -257,3 +257,54 @@ def test_excluded_time_leaves_the_training_rate(tmp_path, monkeypatch):
     log.close()
     rates = [r["tokens_per_s"] for r in metrics(tmp_path)]
     assert rates == [100.0, 100.0, 100.0] and timing["seconds"] == 30.0
+
+
+# ---- first contact: nothing to compile --------------------------------------------------------------
+
+def test_default_runs_build_no_extension(data, tmp_path):
+    """A default run (auto config: ZeRO-2, torch's AdamW) and a Muon run with default options JIT-build no C++
+    op, the single process's shared-memory all-reduce included: torch's extension folder stays empty."""
+    extensions = tmp_path / "torch_extensions"
+    env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions))
+    default = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", *TINY, "--data", str(data), "--out",
+                              str(tmp_path / "default"), "--max-steps", "2"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert "torch.optim.AdamW (foreach)" in default.stdout
+    muon = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", *TINY, "--data", str(data), "--out",
+                           str(tmp_path / "muon"), "--max-steps", "2", "--global-batch", "8",
+                           "--ds-config", "zero2_muon_bf16"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert muon.returncode == 0, muon.stderr[-3000:]
+    assert muon.stdout.count("grad-clip off") == 1  # the default follows Muon under ZeRO-2, said once
+    assert "Muon + torch.optim.AdamW (foreach)" in muon.stdout
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))[:10]
+
+
+OPTIMIZER_PROBE = '''
+import json, sys
+from trainer import pretrain
+from trainer.config import resolve
+from trainer.checkpoint.engine_io import _base_optimizer
+
+data, out = sys.argv[1:3]
+found = {}
+for ds in ("zero0_bf16", "zero2_bf16", "zero3_bf16", "zero2_muon_bf16"):
+    run = pretrain.setup(resolve(None, {"model": "tiny", "data": data, "out": f"{out}/{ds}", "ds_config": ds,
+                                         "seq_len": 64, "micro_batch": 4, "max_steps": 1}))
+    base = _base_optimizer(run.engine)
+    base = getattr(base, "aux_optimizer", None) or base
+    found[ds] = [type(base).__module__ + "." + type(base).__name__,
+                 sorted({(g["fused"], g["foreach"]) for g in base.param_groups})]
+print(json.dumps(found))
+'''
+
+
+def test_deepspeed_builds_torch_adamw_with_the_flags_the_run_names(data, tmp_path):
+    """What the engines really hold under each ZeRO stage (and as Muon's AdamW): torch.optim.AdamW, foreach here."""
+    script = tmp_path / "probe.py"
+    script.write_text(OPTIMIZER_PROBE)
+    proc = run_cli([str(data), str(tmp_path)], script=script)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for ds, (cls, flags) in found.items():
+        assert cls == "torch.optim.adamw.AdamW" and flags == [[False, True]], (ds, cls, flags)

@@ -199,3 +199,15 @@ def test_zero0_resumes_on_another_rank_count_as_is(data, tmp_path):
     assert "ZeRO-0 state is not partitioned, loading it as is" in proc.stdout
     for key in ("loss", "lr", "grad_norm"):
         assert curve(run, key) == curve(reference, key), key
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_deepspeeds_fused_adam_resumes_with_torchs_adamw(data, tmp_path):
+    """Runs made before torch's AdamW became the default hold DeepSpeed FusedAdam's state (its step count a
+    Python int): resumed under zero2_bf16 it continues with its moments. Same fp32 math in another kernel,
+    so the losses agree to ~1e-4; had the moments been lost, step 6 would be off by ~5e-2."""
+    old, new = tmp_path / "fused", tmp_path / "torch"
+    pretrain(data, old, "zero2_fusedadam_bf16", 1, "--max-steps", "8", "--save-every", "4")  # builds the op once
+    pretrain(data, new, "zero2_bf16", 1, "--max-steps", "8", "--resume", str(old / "checkpoints" / "step_0000004"))
+    assert curve(new, "loss") == pytest.approx(curve(old, "loss")[4:], abs=1e-3)
+    assert curve(new, "lr") == curve(old, "lr")[4:]

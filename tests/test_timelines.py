@@ -1,6 +1,6 @@
 """Whole run timelines on one run directory (bench/timelines.py has the generator and the invariants).
 
-The default suite runs one short seeded timeline and the rewind that once lost its own checkpoint;
+The extended suite (CI) runs one short seeded timeline and the rewind that once lost its own checkpoint;
 `python bench/timelines.py --seeds 50` runs the long version.
 """
 import pytest
@@ -19,6 +19,7 @@ def reference(data, workdir):
     return timelines.make_reference(data, workdir)
 
 
+@pytest.mark.extended
 def test_a_random_timeline_keeps_every_invariant(data, reference, workdir):
     timeline = timelines.Timeline(data, reference, workdir, seed=3)
     result = timeline.run(n_ops=6)  # raises timelines.Violation naming the invariant that broke
@@ -31,6 +32,7 @@ def test_more_random_timelines(data, reference, workdir, seed):
     assert timelines.Timeline(data, reference, workdir, seed=seed).run(n_ops=7)["checks"] == 7
 
 
+@pytest.mark.extended
 def test_rewind_then_keep_last_keeps_the_new_checkpoint(data, workdir):
     """6 steps saved every 2 with --keep-last 2 (step_4, step_6), then a rewind to step_4 saving every step
     with --keep-last 1: step_5 stays (it used to be deleted right after being written, `latest` named a

@@ -84,7 +84,8 @@ def training_options(cls=TrainConfig, exclude=()):
         click.option("--beta2", type=float, help="Adam beta2." + _default("beta2")),
         click.option("--eps", type=float, help="Adam epsilon." + _default("eps")),
         click.option("--grad-clip", type=float,
-                     help="Clip the global gradient norm (0 = off)." + _default("grad_clip")),
+                     help="Clip the global gradient norm (0 = off). [default: 1.0; off with Muon under ZeRO-1/2/3, "
+                          "where DeepSpeed would clip Muon's update]"),
         click.option("--muon-lr", type=float,
                      help="Muon's peak rate (Muon ds-configs; --lr is then the AdamW rate)." + _default("muon_lr")),
         click.option("--muon-momentum", type=float, help="Muon's momentum." + _default("muon_momentum")),
@@ -215,13 +216,16 @@ def estimate_memory(set_, gpu_memory, **options):
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option("--build-ops", is_flag=True, help="JIT-build DeepSpeed's Adam ops now if needed (~100 s each, once).")
+@click.option("--build-ops", is_flag=True,
+              help="Build DeepSpeed's C++/CUDA ops that configs here use (about a minute each, once).")
+@click.option("--ds-config", default="auto", help="The DeepSpeed config you will run: its problems are failures.")
 @click.option("--out", default="runs", help="Where checkpoints will go (free disk is checked there).")
 @click.option("--model", default="gpt2-medium", help="Model preset whose checkpoint size the disk check uses.")
 @click.option("--keep-last", type=int, default=3, help="Checkpoints kept (as pretrain --keep-last).")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
 def doctor(**options):
-    """Pre-flight check: versions, GPUs, bf16, DeepSpeed Adam ops, free disk; each problem with its fix."""
+    """Pre-flight check: versions, GPUs, bf16, which optimizer runs and what it must build, free disk; each
+    problem with its fix."""
     from trainer import doctor as doctor_module
 
     doctor_module.run(**options)

@@ -55,7 +55,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = None            # None: 1.0, or off where DeepSpeed cannot (default_grad_clip)
     # Muon (a ds_configs JSON with "type": "Muon"): the blocks' hidden matrices; the rest stays on AdamW (lr above)
     muon_lr: float = 0.02                        # peak rate of the Muon group; follows lr's schedule (scaled)
     muon_momentum: float = 0.95

@@ -1,9 +1,12 @@
 """Pre-flight check before a long run (`python -m trainer.cli doctor`).
 
-Each check is ok / warn / fail with what was found and, when it is not ok, the fix. The Adam ops are
-checked the cheap way by default (compatible? prebuilt or already JIT-built and loadable?): a first
-JIT build takes ~100 s and a compiler, which `--build-ops` runs on purpose. A fail means the run
-would crash; a warn means it would run, slower or on CPU. Exit status 1 when any check fails.
+Each check is ok / warn / fail with what was found and, when it is not ok, the fix. For every shipped
+DeepSpeed config it says which optimizer code runs here (torch's AdamW needs no build; DeepSpeed's
+FusedAdam and CPU Adam are C++/CUDA ops built on first use). An op that is not built yet is not built
+by default: what would break its build (no compiler or nvcc, a TORCH_CUDA_ARCH_LIST entry DeepSpeed
+cannot parse, nvcc and torch on different CUDA versions) is detected instead, and `--build-ops` builds
+it. A fail means the run would crash; a warn means it would run, slower, later or on CPU. Exit status 1
+when any check fails.
 """
 import json
 import os
@@ -53,7 +56,59 @@ def _devices() -> list[Check]:
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     mem = [torch.cuda.get_device_properties(i).total_memory / GB for i in range(len(names))]
     detail = ", ".join(f"{n} ({m:.0f} GB)" for n, m in zip(names, mem))
-    return [Check("gpus", "ok", f"{len(names)} visible: {detail}")]
+    checks = [Check("gpus", "ok", f"{len(names)} visible: {detail}")]
+    if len(names) > 1 and any(is_consumer_card(n) for n in names):
+        checks.append(peer_to_peer_check([_p2p_facts(0, j) for j in range(1, len(names))]))
+    return checks
+
+
+def is_consumer_card(name: str) -> bool:
+    return "GeForce" in name or "TITAN" in name
+
+
+P2P_FIX = "export NCCL_P2P_DISABLE=1 before launching (NCCL then goes through host memory, a little slower)"
+
+
+def peer_to_peer_check(pairs: list[dict]) -> Check:
+    """Consumer cards (GeForce / TITAN) without NVLink: NCCL's peer-to-peer copies over PCIe are known to
+    hang or corrupt data on many such boards (IOMMU / ACS in the way, or P2P the driver offers but the
+    board cannot do), and the run then hangs at its first all-reduce with no message. `pairs` holds, per
+    pair of GPUs, {"pair", "peer_access", "nvlink", "copy"}: copy is "ok", "wrong" or "hung" (a timed copy
+    test in a child process) or None where it was not run."""
+    bad = [p for p in pairs if p["copy"] in ("wrong", "hung")]
+    if bad:
+        found = ", ".join(f"GPUs {p['pair'][0]}-{p['pair'][1]}: P2P copy {p['copy']}" for p in bad)
+        return Check("p2p", "fail", f"peer-to-peer over PCIe is broken here ({found}): NCCL would hang", P2P_FIX)
+    if all(p["nvlink"] or not p["peer_access"] for p in pairs):
+        how = "NVLink" if all(p["nvlink"] for p in pairs) else "no P2P offered: NCCL goes through host memory"
+        return Check("p2p", "ok", f"consumer GPUs, {how}")
+    return Check("p2p", "ok", "consumer GPUs with P2P over PCIe: a copy test between them passed; if a run still "
+                 f"hangs at its first step, {P2P_FIX}")
+
+
+def _p2p_facts(i: int, j: int) -> dict:
+    import subprocess
+    import sys
+
+    import torch
+
+    facts = {"pair": (i, j), "peer_access": bool(torch.cuda.can_device_access_peer(i, j)), "nvlink": False,
+             "copy": None}
+    try:
+        links = subprocess.run(["nvidia-smi", "nvlink", "--status", "-i", str(i)], capture_output=True, text=True,
+                               timeout=10).stdout
+        facts["nvlink"] = "GB/s" in links
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if facts["peer_access"] and not facts["nvlink"]:
+        code = (f"import torch; a = torch.arange(1 << 22, device='cuda:{i}', dtype=torch.float32); "
+                f"b = a.to('cuda:{j}'); torch.cuda.synchronize({j}); print(torch.equal(a.cpu(), b.cpu()))")
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+            facts["copy"] = "ok" if out.strip().endswith("True") else "wrong"
+        except subprocess.TimeoutExpired:
+            facts["copy"] = "hung"
+    return facts
 
 
 def _bf16() -> Check:
@@ -73,34 +128,58 @@ def _bf16() -> Check:
                  "on this machine use --ds-config auto (picks zero2_fp32) or ds_configs/zero2_fp32.json")
 
 
-def _ops(build: bool) -> list[Check]:
+def _optimizers(ds_config: str, device_type: str) -> tuple[list[Check], dict]:
+    """Which optimizer code each shipped DeepSpeed config runs on this machine, and which of DeepSpeed's ops
+    that needs built first; returns the checks and {op: [config names that need it]}."""
+    from trainer.ds_config import DS_CONFIG_DIR, load_ds_config, optimizer_implementation, resolve_ds_config_path
+
+    chosen_path = resolve_ds_config_path(ds_config)
+    chosen = optimizer_implementation(load_ds_config(str(chosen_path)), device_type)
+    groups, needs = {}, {}
+    for path in sorted(set(DS_CONFIG_DIR.glob("*.json")) | {chosen_path}):
+        impl = optimizer_implementation(load_ds_config(str(path)), device_type)
+        groups.setdefault(impl.label, []).append(path.stem)
+        if impl.op:
+            needs.setdefault(impl.op, []).append(path.stem)
+    build = f"op {chosen.op}: built on first use" if chosen.op else "pure PyTorch, nothing to build"
+    checks = [Check("optimizer", "ok", f"--ds-config {ds_config} ({chosen_path.name}) runs {chosen.label}; {build}")]
+    listing = "; ".join(f"{label}: {', '.join(names)}" for label, names in groups.items())
+    checks.append(Check("ds_configs", "ok", listing))
+    return checks, {"chosen": chosen.op, **needs}
+
+
+def _ops(build: bool, needs: dict) -> list[Check]:
+    """Each DeepSpeed op some config needs: built, buildable, or what breaks its build."""
     try:
         from trainer import engine
 
-        status = engine.op_status(build=build)
+        status = engine.op_status([op for op in engine.OP_BUILDERS if op in needs], build=build)
     except Exception as e:
         return [Check("deepspeed ops", "fail", f"could not query op builders: {type(e).__name__}: {e}"[:300],
                       "reinstall deepspeed; run `ds_report` for details")]
-    fixes = {"fused_adam": "used by every non-offload config (optimizer type AdamW)",
-             "cpu_adam": "used by ds_configs/zero2_offload_bf16.json"}
-    build_fix = ("needs a C++ compiler (and nvcc on GPU machines) and ninja: apt-get install build-essential, "
-                 "pip install ninja; or prebuild with DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 pip install deepspeed")
     checks = []
     for name, info in status.items():
-        use = fixes.get(name, "")
-        if not info["compatible"]:
-            found = f"not compatible with this system ({use}) {info['error'] or ''}".strip()
-            checks.append(Check(f"op {name}", "fail", found, build_fix + "; `ds_report` shows what is missing"))
-        elif info["loaded"] is False:
-            checks.append(Check(f"op {name}", "fail", f"failed to build/load ({use}): {info['error']}", build_fix))
-        elif info["loaded"]:
-            how = "prebuilt" if info["prebuilt"] else "JIT build cached" if info["cached"] else "built now"
-            checks.append(Check(f"op {name}", "ok", f"loads ({how})"))
+        if info["state"] == "absent":
+            continue
+        users = f"used by {', '.join(needs[name])}"
+        critical = needs.get("chosen") == name  # the config this machine runs by default / --ds-config
+        problems = info["problems"]
+        fixes = "; ".join(fix for _, fix in problems)
+        if info["state"] in ("prebuilt", "cached", "built"):
+            how = {"prebuilt": "prebuilt in the wheel", "cached": "JIT build cached", "built": "built now"}
+            checks.append(Check(f"op {name}", "ok", f"{how[info['state']]}; {users}"))
+        elif info["state"] == "failed":
+            checks.append(Check(f"op {name}", "fail" if critical else "warn",
+                                f"failed to build ({info['error']}); {users}",
+                                fixes or "run `ds_report` and read the compiler output above"))
+        elif problems:
+            found = "; ".join(what for what, _ in problems)
+            checks.append(Check(f"op {name}", "fail" if critical else "warn",
+                                f"not built, and its build would fail here: {found}; {users}", fixes))
         else:
-            checks.append(Check(f"op {name}", "warn", f"compatible, not built yet ({use}): the first run JIT-builds it "
-                                f"(~100 s, once; cached under ~/.cache/torch_extensions)",
-                                "run `python -m trainer.cli doctor --build-ops` now to build it and see any "
-                                "compiler error"))
+            checks.append(Check(f"op {name}", "warn" if critical else "ok",
+                                f"not built yet, built on first use (about a minute, once; compiler and ninja "
+                                f"found); {users}", "`python -m trainer.cli doctor --build-ops` builds it now"))
     return checks
 
 
@@ -143,16 +222,20 @@ def _launch_env() -> Check:
                  if n else "single process: python -m trainer.cli pretrain ...")
 
 
-def checks(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium",
-           keep_last: int = 3) -> list[Check]:
-    found = _versions() + _devices() + [_bf16()] + _ops(build_ops) + [_disk(out, model, keep_last), _launch_env()]
-    return found
+def checks(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium", keep_last: int = 3,
+           ds_config: str = "auto") -> list[Check]:
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    optimizers, needs = _optimizers(ds_config, device_type)
+    return (_versions() + _devices() + [_bf16()] + optimizers + _ops(build_ops, needs)
+            + [_disk(out, model, keep_last), _launch_env()])
 
 
 def run(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium", keep_last: int = 3,
-        json_output: bool = False) -> dict:
+        ds_config: str = "auto", json_output: bool = False) -> dict:
     """`doctor`: run every check, print them (or one JSON line), exit 1 if any fails; returns the report."""
-    found = checks(build_ops=build_ops, out=out, model=model, keep_last=keep_last)
+    found = checks(build_ops=build_ops, out=out, model=model, keep_last=keep_last, ds_config=ds_config)
     result = {"ok": not any(c.status == "fail" for c in found),
               "fails": sum(c.status == "fail" for c in found), "warnings": sum(c.status == "warn" for c in found),
               "checks": [asdict(c) for c in found]}

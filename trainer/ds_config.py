@@ -7,7 +7,9 @@ sets a trainer-owned key to a different value is refused with the key named, so 
 uses numbers the user did not choose. Pure dictionaries: nothing here imports deepspeed.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -101,6 +103,57 @@ def build_ds_config(base: dict, *, micro_batch: int, grad_accum: int, world_size
                                  ("momentum", muon_momentum, "--muon-momentum")):
             _claim(params, key, value, "optimizer.params.", flag)
     return config
+
+
+def default_grad_clip(config: dict) -> tuple[float, Optional[str]]:
+    """The --grad-clip a run gets when it gives none: 1.0, except where DeepSpeed's clip is not a gradient
+    clip (Muon under ZeRO-1/2/3, `muon_update_in_grad_norm`): off, with the one line that says why."""
+    if muon_update_in_grad_norm(config):
+        return 0.0, (f"grad-clip off: under ZeRO-{zero_stage(config)} DeepSpeed would clip Muon's orthogonalized "
+                     "update, not the gradient (Muon's updates are normalized by construction); "
+                     "ds_configs/zero0_muon_bf16.json clips the raw gradients")
+    return 1.0, None
+
+
+@dataclass(frozen=True)
+class OptimizerImpl:
+    """The optimizer code DeepSpeed will run for a JSON on a device (DeepSpeed's own rule, in
+    `DeepSpeedEngine.get_optimizer_configuration`): torch's AdamW when `"torch_adam": true`, else its
+    C++/CUDA ops, FusedAdam or (with offload_optimizer) CPU Adam, which are built on first use."""
+    label: str                     # e.g. "torch.optim.AdamW (fused)"
+    op: Optional[str] = None       # the DeepSpeed op that must be built first; None: pure PyTorch
+    fused: Optional[bool] = None   # torch AdamW's implementation flags (None: not torch's AdamW)
+    foreach: Optional[bool] = None
+
+    @property
+    def adam_flags(self) -> Optional[dict]:
+        return None if self.fused is None else {"fused": self.fused, "foreach": self.foreach}
+
+
+ADAM_TYPES = ("adam", "adamw", "muon")
+BUILT_OPS = {"fused_adam": "DeepSpeed FusedAdam", "cpu_adam": "DeepSpeed CPUAdam"}
+
+
+def optimizer_implementation(config: dict, device_type: str) -> OptimizerImpl:
+    """Which Adam this JSON runs on `device_type` ("cuda", "cpu", ...). torch's AdamW is fused where its state
+    lives on a GPU and foreach on the CPU, unless the JSON sets `fused` / `foreach` itself."""
+    kind = optimizer_type(config)
+    if kind not in ADAM_TYPES:
+        return OptimizerImpl(f"DeepSpeed's {config['optimizer'].get('type')} optimizer")
+    params = config.get("optimizer", {}).get("params", {})
+    muon = "Muon + " if kind == "muon" else ""
+    if params.get("torch_adam"):
+        on_gpu = device_type == "cuda" and not offloads_optimizer(config)
+        fused, foreach = params.get("fused"), params.get("foreach")
+        if fused and foreach:
+            raise UserError("DeepSpeed config sets both optimizer.params.fused and optimizer.params.foreach; torch's "
+                            "AdamW runs one implementation: remove one of them")
+        if fused is None and foreach is None:
+            fused, foreach = on_gpu, not on_gpu
+        how = "fused" if fused else "foreach" if foreach else "for-loop"
+        return OptimizerImpl(f"{muon}torch.optim.AdamW ({how})", fused=bool(fused), foreach=bool(foreach))
+    op = "cpu_adam" if offloads_optimizer(config) else "fused_adam"
+    return OptimizerImpl(f"{muon}{BUILT_OPS[op]}", op=op)
 
 
 def optimizer_type(config: dict) -> str:

@@ -6,13 +6,15 @@ import atexit
 import contextlib
 import fcntl
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from trainer import dist
-from trainer.ds_config import precision, uses_muon
+from trainer.ds_config import optimizer_implementation, precision, uses_muon
 from trainer.errors import UserError, describe
 
 
@@ -87,23 +89,24 @@ def init_distributed() -> None:
         # Ranks sharing one CPU would otherwise each start a thread per core and thrash.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    deepspeed.init_distributed(verbose=False)
+    _skip_shm_all_reduce()
+    try:
+        deepspeed.init_distributed(verbose=False)
+    except Exception as e:
+        raise UserError(f"DeepSpeed could not start torch.distributed ({describe(e)}); check the launcher's "
+                        "MASTER_ADDR / MASTER_PORT and that every rank can reach rank 0", every_rank=True) from e
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
-    _unlink_shm_buffer()
 
 
-def _unlink_shm_buffer() -> None:
-    """On CPU, DeepSpeed's shared-memory all-reduce gives every rank a ~69 MB /dev/shm buffer that it never
-    unlinks: each multi-rank run (killed or not) would leave them behind until /dev/shm, which is RAM, is
-    full. Once every rank has mapped every buffer (init returned everywhere: the barrier), the names can go;
-    the mappings live on until the processes exit, however they exit."""
-    if dist.world_size() == 1 or torch.cuda.is_available():
-        return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.rank()}")
-    dist.barrier()
-    Path("/dev/shm", name).unlink(missing_ok=True)
+def _skip_shm_all_reduce() -> None:
+    """On a CPU, DeepSpeed JIT-builds a shared-memory all-reduce (a C++ op) whenever it starts
+    torch.distributed, even for a single process, which has nothing to reduce. Without it CPU ranks
+    reduce through gloo, so no default path, one rank or several, waits for a compiler."""
+    import importlib
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # `import ... as` would find deepspeed.comm's `torch`
+    ds_comm.build_shm_op = lambda: None
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -142,8 +145,13 @@ def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
     deepspeed = import_deepspeed()
 
     check_precision_supported(ds_config)
-    with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    try:
+        with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    except UserError:
+        raise
+    except Exception as e:  # every rank fails alike here: one line, said once (UserError every_rank)
+        raise initialize_error(e, ds_config) from e
     if uses_muon(ds_config):
         built = [bool(g.get("use_muon")) for g in engine.optimizer.param_groups]
         if built != [g["use_muon"] for g in param_groups]:
@@ -181,13 +189,27 @@ def _muon_tags(deepspeed, param_groups):
         deepspeed.set_optimizer_flags = original
 
 
+def initialize_error(error: Exception, ds_config: dict) -> UserError:
+    """A failure inside deepspeed.initialize as one line: what failed and how to fix it. Most often an op
+    DeepSpeed had to build for the optimizer (the configs with "torch_adam": true build none)."""
+    impl = optimizer_implementation(ds_config, device().type)
+    what = f"DeepSpeed could not build the engine ({describe(error)})"
+    status = op_status([impl.op])[impl.op] if impl.op else None
+    if status is None or status["state"] != "not built":  # not a failed op build
+        return UserError(f"{what}; `python -m trainer.cli doctor` checks this machine", every_rank=True)
+    cause = "; ".join(f"{found}, fix: {fix}" for found, fix in status["problems"]) or "see the compiler output above"
+    return UserError(f"DeepSpeed could not build its {impl.op} op, which {impl.label} needs ({describe(error)}): "
+                     f"{cause}. Or run with nothing to build: a config with \"torch_adam\": true (every shipped "
+                     "config but zero2_offload_bf16 and zero2_fusedadam_bf16) uses torch's own AdamW", every_rank=True)
+
+
 def compile_model(engine) -> None:
     """torch.compile through DeepSpeed's own hook, so ZeRO's forward/backward hooks stay in place."""
     engine.compile()
 
 
-# ---- pre-flight checks for `doctor` (owner: memory engineer) -----------------------------------
-DOCTOR_OPS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
+# ---- pre-flight checks for `doctor` ----------------------------------------------------------------------
+OP_BUILDERS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
 
 
 def versions() -> dict:
@@ -200,38 +222,115 @@ def versions() -> dict:
             "accelerator_bf16": bool(accel.is_bf16_supported()), "accelerator_fp16": bool(accel.is_fp16_supported())}
 
 
-def op_status(build: bool = False) -> dict:
-    """For DeepSpeed's Adam ops: {name: {compatible, prebuilt, cached, loaded, error}}.
+def _extensions_dir() -> Path:
+    """Where torch JIT-builds extensions (torch.utils.cpp_extension's rule, without creating the folder as
+    its `_get_build_directory` does)."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    A JIT build takes ~100 s and a compiler, so by default only an op that is prebuilt or already
-    cached under ~/.cache/torch_extensions is loaded (a second or two); `build=True` loads (builds) all.
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    kind = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+            f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{kind}"
+
+
+def op_status(names=tuple(OP_BUILDERS), build: bool = False) -> dict:
+    """For each of DeepSpeed's ops in `names`: {state, cuda, problems, error}.
+
+    state: "prebuilt" (in the wheel), "cached" (JIT-built before), "built" (built now: `build=True`),
+    "not built", "failed" (a build was tried and failed: `error`), "absent" (no such op on this accelerator).
+    problems: what would break a build here, each as (what was found, its fix); an op that is already
+    built needs nothing. Nothing is built unless `build`.
     """
     import importlib.util
 
     import_deepspeed()
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
 
     out = {}
-    for name, builder_name in DOCTOR_OPS.items():
-        info = {"compatible": False, "prebuilt": False, "cached": False, "loaded": None, "error": None}
+    for name in names:
+        info = {"state": "absent", "cuda": False, "problems": [], "error": None}
         out[name] = info
+        builder = get_accelerator().create_op_builder(OP_BUILDERS[name])
+        if builder is None:
+            continue
+        info["cuda"] = _is_cuda_builder(builder)
         try:
-            builder = get_accelerator().create_op_builder(builder_name)
-            if builder is None:
-                info["error"] = f"the {get_accelerator().device_name()} accelerator has no {builder_name}"
-                continue
-            info["compatible"] = bool(builder.is_compatible(verbose=False))
-            try:
-                info["prebuilt"] = importlib.util.find_spec(builder.absolute_name()) is not None
-            except (ImportError, ValueError):
-                pass
-            build_dir = Path(_get_build_directory(builder.name, verbose=False))
-            info["cached"] = (build_dir / f"{builder.name}.so").is_file()
-            if info["compatible"] and (build or info["prebuilt"] or info["cached"]):
-                builder.load(verbose=False)
-                info["loaded"] = True
-        except Exception as e:  # an op that fails to build is a finding to report, not a crash
-            info["loaded"] = False
-            info["error"] = describe(e)[:300]
+            prebuilt = importlib.util.find_spec(builder.absolute_name()) is not None
+        except (ImportError, ValueError):
+            prebuilt = False
+        cached = (_extensions_dir() / builder.name / f"{builder.name}.so").is_file()
+        info["state"] = "prebuilt" if prebuilt else "cached" if cached else "not built"
+        if info["state"] == "not built":
+            info["problems"] = build_problems(builder)
+            if build:
+                try:
+                    builder.load(verbose=False)
+                    info["state"] = "built"
+                except Exception as e:  # an op that fails to build is a finding to report, not a crash
+                    info["state"], info["error"] = "failed", describe(e)[:300]
     return out
+
+
+def _is_cuda_builder(builder) -> bool:
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
+    return isinstance(builder, CUDAOpBuilder) and torch.cuda.is_available() and torch.version.hip is None
+
+
+def build_problems(builder) -> list[tuple[str, str]]:
+    """What would stop DeepSpeed's JIT build of `builder`'s op on this machine, each with its fix."""
+    import shutil
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    problems = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        problems.append((f"no C++ compiler ({compiler} is not on PATH)",
+                         "install one (apt-get install build-essential, or conda install gxx_linux-64)"))
+    if not cpp_extension.is_ninja_available():
+        problems.append(("ninja is not installed", "pip install ninja"))
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        problems.append(("Python's C headers (Python.h) are missing", "install python3-dev for this Python"))
+    if not _is_cuda_builder(builder):
+        return problems
+    nvcc = Path(cpp_extension.CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
+    if not nvcc.is_file():
+        problems.append((f"no nvcc (CUDA_HOME is {cpp_extension.CUDA_HOME}): a pip-installed torch brings no CUDA "
+                         "compiler", f"install the CUDA {torch.version.cuda} toolkit (conda install -c nvidia "
+                         f"cuda-nvcc={torch.version.cuda}) and set CUDA_HOME to it"))
+        return problems
+    from deepspeed.ops.op_builder.builder import assert_no_cuda_mismatch
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            assert_no_cuda_mismatch(builder.name)
+    except Exception as e:
+        problems.append((f"nvcc and torch disagree on the CUDA version ({describe(e)})",
+                         f"install the CUDA {torch.version.cuda} toolkit, or a torch built for your nvcc"))
+    arch = arch_list_problem(builder)
+    if arch:
+        problems.append(arch)
+    return problems
+
+
+def arch_list_problem(builder) -> Optional[tuple[str, str]]:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT build reads it (its own parser, so the verdict is DeepSpeed's):
+    entries such as `9.0a` (Hopper's arch-specific suffix, which torch accepts) make it fail."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value or not value.strip():
+        return None
+    saved_mode, saved_list = builder.jit_mode, getattr(builder, "_jit_arch_list", None)
+    builder.jit_mode, builder._jit_arch_list = True, value.strip()
+    try:
+        builder.compute_capability_args()
+    except Exception as e:
+        plain = ";".join(dict.fromkeys(m.group(0) for m in re.finditer(r"\d+\.\d+", value)))
+        return (f"TORCH_CUDA_ARCH_LIST={value!r} has an entry DeepSpeed's op builder cannot parse ({describe(e)})",
+                f"build with TORCH_CUDA_ARCH_LIST={plain!r}")
+    finally:
+        builder.jit_mode, builder._jit_arch_list = saved_mode, saved_list
+        os.environ["TORCH_CUDA_ARCH_LIST"] = value  # compute_capability_args rewrites it
+    return None

@@ -3,11 +3,27 @@
 Library code raises `UserError("what is wrong; how to fix it")`; Click prints it as a single
 `Error: ...` line on stderr and exits with status 1, so users never see a traceback for bad input.
 """
+import os
+
 import click
 
 
 class UserError(click.ClickException):
-    """A problem the user can fix (bad path, bad option, inconsistent data)."""
+    """A problem the user can fix (bad path, bad option, inconsistent data).
+
+    `every_rank=True` marks an error that every rank of a launch meets alike (a DeepSpeed set-up failure):
+    it is printed once per machine, by local rank 0, instead of once per rank; the others exit quietly
+    with the same status.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+    def show(self, file=None) -> None:
+        if self.every_rank and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+            return
+        super().show(file)
 
 
 def describe(error: BaseException, line: int = -1) -> str:

@@ -94,11 +94,16 @@ def set_lr(optimizer, names: list[str], lr: float, muon_lr: float = None) -> Non
 
 
 def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: float, weight_decay: float,
-                          muon_momentum: float = None, muon_weight_decay: float = None) -> None:
+                          muon_momentum: float = None, muon_weight_decay: float = None,
+                          adam_flags: dict = None) -> None:
     """Write the run's betas, eps and weight decay into the AdamW groups (the decay group gets
     `weight_decay`, the others 0), and momentum and weight decay into the Muon group. `names` are the
     groups' names in the order param_groups made them; DeepSpeed keeps that order (and drops nothing)
-    in the groups of its own optimizers."""
+    in the groups of its own optimizers.
+
+    `adam_flags` ({"fused": ..., "foreach": ...}, for torch's AdamW) pick its implementation in each
+    AdamW group: DeepSpeed's Muon builds its AdamW without them, and a checkpoint load brings back the
+    flags of the machine that saved it (foreach on a CPU, fused on a GPU)."""
     _check_groups(optimizer, names)
     for group, name in zip(optimizer.param_groups, names):
         if name == MUON:
@@ -108,6 +113,25 @@ def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: flo
         group["betas"] = tuple(betas)
         group["eps"] = eps
         group["weight_decay"] = weight_decay if name == DECAY else 0.0
+        if adam_flags is not None:
+            group.update(adam_flags)
+            _place_adam_steps(optimizer.state, group)
+
+
+def _place_adam_steps(state, group: dict) -> None:
+    """torch's AdamW keeps each parameter's step count as a tensor: on the parameter's device for the fused
+    kernel, a CPU scalar otherwise. A checkpoint made by the other implementation (or by DeepSpeed's
+    FusedAdam, which counts in a Python int) is moved to where this one reads it; the count is exact."""
+    import torch
+
+    for param in group["params"]:
+        entry = state.get(param) if hasattr(state, "get") else None
+        if not entry or "step" not in entry:
+            continue
+        device = param.device if group["fused"] else torch.device("cpu")
+        step = entry["step"]
+        if not (torch.is_tensor(step) and step.device == device and step.dtype == torch.float32):
+            entry["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 def hyperparameters_in_effect(optimizer, names: list[str]) -> dict:

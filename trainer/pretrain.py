@@ -27,8 +27,8 @@ from trainer import dist, engine as ds_engine, hostmem, recovery
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
-from trainer.ds_config import (build_ds_config, load_ds_config, muon_update_in_grad_norm, resolve_ds_config_path,
-                               uses_muon)
+from trainer.ds_config import (build_ds_config, default_grad_clip, load_ds_config, muon_update_in_grad_norm,
+                               optimizer_implementation, resolve_ds_config_path, uses_muon)
 from trainer.errors import UserError
 from trainer.metrics import peak_flops
 from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
@@ -161,6 +161,8 @@ class Run:
     engine: object
     groups: list                  # parameter group names, in the optimizer's order
     muon: bool                    # DeepSpeed's Muon for the hidden matrices (trainer/optim.py), AdamW for the rest
+    optimizer: str                # the implementation that runs, e.g. "torch.optim.AdamW (fused)"
+    adam_flags: Optional[dict]    # torch AdamW's {"fused", "foreach"} (None: DeepSpeed's own Adam)
     grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
     state: TrainState
     checkpointer: Checkpointer
@@ -186,6 +188,14 @@ class Run:
         set_lr(self.engine.optimizer, self.groups, lr, muon_lr)
         return lr, muon_lr
 
+    def apply_settings(self) -> None:
+        """This run's betas, eps, weight decay, Muon momentum and AdamW implementation, into the optimizer; after
+        every checkpoint load (resume, rollback), which brings back the saved ones."""
+        c = self.cfg
+        apply_hyperparameters(self.engine.optimizer, self.groups, betas=(c.beta1, c.beta2), eps=c.eps,
+                              weight_decay=c.weight_decay, muon_momentum=c.muon_momentum,
+                              muon_weight_decay=c.muon_weight_decay, adam_flags=self.adam_flags)
+
     def client_state(self) -> dict:
         """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
         return {**self.state.client_state(), "train_config": self.cfg.to_dict(),
@@ -198,8 +208,18 @@ class Run:
 def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     """Everything before the first step: process group, data, model, the checkpoint to resume (chosen before
     the engine, since another ZeRO setup builds the engine for a universal load), engine, state, timeline.
-    `task` says where data and model shape come from (pretraining shards by default; trainer/finetune.py)."""
-    task = task or PRETRAIN
+    `task` says where data and model shape come from (pretraining shards by default; trainer/finetune.py).
+
+    Every rank sets up from the same options and files, so a mistake found here is found by all of them
+    alike: it is said once (UserError.every_rank), not once per rank."""
+    try:
+        return _setup(cfg, task or PRETRAIN)
+    except UserError as e:
+        e.every_rank = True
+        raise
+
+
+def _setup(cfg: TrainConfig, task: Task) -> Run:
     ds_engine.init_distributed()
     world = dist.world_size()
     hostmem.keep_freed_memory(ds_engine.device())
@@ -208,11 +228,17 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     plan = plan_batches(cfg, model_cfg.block_size, world)
     stream = dataset.train_stream(plan.seq_len, plan.global_batch, cfg.seed)
     steps = total_steps(cfg, plan, stream)
+    base_config = load_ds_config(cfg.ds_config)
+    if cfg.grad_clip is None:
+        cfg.grad_clip, why = default_grad_clip(base_config)
+        if why:
+            dist.print0(why)
     ds_config = build_ds_config(
-        load_ds_config(cfg.ds_config), micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+        base_config, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
         world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     muon = uses_muon(ds_config)
+    implementation = optimizer_implementation(ds_config, ds_engine.device().type)
     model = build_model(cfg, model_cfg)
 
     # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
@@ -230,15 +256,14 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
         dist.print0(f"resumed from {checkpointer.resume_from} at step {state.step} ({state.tokens:,} tokens seen)")
         _report_changes(client, cfg, steps, state.step, muon)
     checkpointer.start_timeline(state.step)
-    # DeepSpeed restored the checkpoint's betas / eps / weight decay: this run's settings apply from here on.
-    apply_hyperparameters(engine.optimizer, group_names(groups), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                          weight_decay=cfg.weight_decay, muon_momentum=cfg.muon_momentum,
-                          muon_weight_decay=cfg.muon_weight_decay)
-    return Run(cfg=cfg, task=task, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
-               val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
-               groups=group_names(groups), muon=muon, grad_norm_reported=not muon_update_in_grad_norm(ds_config),
-               state=state, checkpointer=checkpointer,
-               stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
+    run = Run(cfg=cfg, task=task, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
+              val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
+              groups=group_names(groups), muon=muon, optimizer=implementation.label,
+              adam_flags=implementation.adam_flags, grad_norm_reported=not muon_update_in_grad_norm(ds_config),
+              state=state, checkpointer=checkpointer,
+              stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
+    run.apply_settings()
+    return run
 
 
 def _report_changes(client: dict, cfg: TrainConfig, steps: int, step: int, muon: bool) -> None:
@@ -280,7 +305,8 @@ def start_log(run: Run) -> RunLog:
     dist.print0(f"{dist.world_size()} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
                 f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
-                f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.total_steps} steps | MFU vs {peak_source}")
+                f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.optimizer} | {run.total_steps} steps | "
+                f"MFU vs {peak_source}")
     if run.muon:
         dist.print0(f"optimizer: Muon on the blocks' matrices (peak lr {cfg.muon_lr:g}, momentum "
                     f"{cfg.muon_momentum:g}, weight decay {cfg.muon_weight_decay:g}), AdamW on embeddings, head, "
@@ -338,6 +364,7 @@ def train(run: Run) -> str:
                         f"({state.skips_in_a_row} in a row, {state.skipped} in total)")
             if state.skips_in_a_row >= cfg.max_skips:
                 ckpt = recovery.roll_back(run.checkpointer, engine, state, cfg.max_skips, cfg.max_rollbacks)
+                run.apply_settings()
                 run.log.event({"event": "rollback", "step": state.step, "checkpoint": ckpt.name,
                                "cursor": state.cursor})
                 run.log.restart_window(state)
