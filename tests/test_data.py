@@ -120,6 +120,69 @@ def test_default_validation_split_fits_a_small_corpus(tmp_path, monkeypatch):
     assert 0 < meta["val_tokens_written"] <= 5_000
 
 
+def _one_book(path: Path) -> np.ndarray:
+    """A corpus of one document (the pydoc topics joined into one .txt file); returns its token stream."""
+    path.write_text("\n\n".join(iter_documents("pydoc")))
+    tok = get_tokenizer("bytes")
+    return np.asarray([tok.eot_id, *tok.encode(path.read_text())])
+
+
+def _splits(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    dataset = Dataset.open(out)
+    return dataset.train_tokens_array(), dataset.val_tokens_array()
+
+
+def test_a_single_text_file_gets_the_tail_of_its_token_stream_for_validation(tmp_path):
+    """One .txt file is one document: no document-level split exists, so validation is the stream's last 5%
+    by default, or the last N tokens with --val-tokens N; the summary line says so; pretrain trains on it."""
+    stream = _one_book(tmp_path / "book.txt")
+    proc = subprocess.run([sys.executable, "tools/convert_shards.py", "--source", str(tmp_path / "book.txt"),
+                           "--tokenizer", "bytes", "--out", str(tmp_path / "d")], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    train, val = _splits(tmp_path / "d")
+    assert len(val) == int(0.05 * len(stream)) and np.array_equal(np.concatenate([train, val]), stream)
+    assert f"{len(val):,} val tokens" in proc.stdout and "last" in proc.stdout and "too few documents" in proc.stdout
+    convert(str(tmp_path / "book.txt"), "bytes", tmp_path / "n", val_tokens=100_000, progress=False)
+    train, val = _splits(tmp_path / "n")
+    assert len(val) == 100_000 and np.array_equal(np.concatenate([train, val]), stream)
+    with pytest.raises(UserError, match="would hold all of them out"):
+        convert(str(tmp_path / "book.txt"), "bytes", tmp_path / "all", val_tokens=len(stream), progress=False)
+    run = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", "--model", "tiny", "--data",
+                          str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--seq-len", "64", "--micro-batch",
+                          "4", "--max-steps", "2", "--eval-every", "2", "--eval-batches", "2", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["val_loss"] is not None
+
+
+def test_a_tail_that_reaches_into_written_train_shards_rewrites_them(tmp_path):
+    """Three files, each larger than a train shard and none small enough for validation: the tail comes out
+    of the last train shard already written; nothing is lost or duplicated, no stale shard is left."""
+    stream = _one_book(tmp_path / "book.txt")
+    text = (tmp_path / "book.txt").read_text()
+    (tmp_path / "three").mkdir()
+    third = len(text) // 3
+    parts = [text[:third], text[third:2 * third], text[2 * third:]]
+    for i, part in enumerate(parts):
+        (tmp_path / "three" / f"part{i}.txt").write_text(part)
+    tok = get_tokenizer("bytes")
+    stream = np.concatenate([[tok.eot_id, *tok.encode(part)] for part in parts])
+    meta = convert(str(tmp_path / "three" / "*.txt"), "bytes", tmp_path / "d", shard_tokens=100_000, progress=False)
+    train, val = _splits(tmp_path / "d")
+    assert len(val) == int(0.05 * len(stream)) and np.array_equal(np.concatenate([train, val]), stream)
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.bin")) == sorted(s["name"] for s in meta["shards"])
+    assert "last" in meta["val_rule"]
+
+
+def test_one_jsonl_record_is_split_the_same_way(tmp_path):
+    stream = _one_book(tmp_path / "book.txt")
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": (tmp_path / "book.txt").read_text()}) + "\n")
+    convert(str(tmp_path / "one.jsonl"), "bytes", tmp_path / "d", progress=False)
+    train, val = _splits(tmp_path / "d")
+    assert len(val) == int(0.05 * len(stream)) and np.array_equal(np.concatenate([train, val]), stream)
+
+
 def test_default_split_resumes_byte_identical(tmp_path, monkeypatch):
     convert("pydoc", "bytes", tmp_path / "ref", shard_tokens=40_000, progress=False)
     interrupt_on_write(monkeypatch, 4)

@@ -26,8 +26,8 @@ from trainer.tokenizer import SPEC_HELP as TOKENIZER_HELP
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
 @click.option("--shard-tokens", default=100_000_000, type=int, help="Tokens per train shard.")
 @click.option("--val-tokens", type=int,
-              help="Hold out the first documents, this many tokens, for validation. [default: 5% of the tokens as "
-                   "whole documents, at most 10M]")
+              help="Hold out the first documents, this many tokens, for validation (a source of one or a few "
+                   "documents: the last N tokens). [default: 5% of the tokens as whole documents, at most 10M]")
 @click.option("--workers", default=1, type=int, help="Tokenizer processes (output is identical for any number).")
 @click.option("--text-field", default="text", help="Field holding the text in jsonl / parquet / HF datasets.")
 @click.option("--json", "json_output", is_flag=True, help="Print meta.json as one JSON line at the end.")
@@ -36,7 +36,8 @@ def main(source, tokenizer, out, shard_tokens, val_tokens, workers, text_field, 
     meta = convert(source, tokenizer, out, shard_tokens=shard_tokens, val_tokens=val_tokens, workers=workers,
                    text_field=text_field, progress=True)
     click.echo(f"{out}: {meta['train_tokens']:,} train + {meta['val_tokens_written']:,} val tokens in "
-               f"{len(meta['shards'])} shards (tokenizer {tokenizer}, vocab {meta['vocab_size']})")
+               f"{len(meta['shards'])} shards (tokenizer {tokenizer}, vocab {meta['vocab_size']}; validation: "
+               f"{meta['val_rule']})")
     if json_output:
         click.echo(json.dumps(meta))
 

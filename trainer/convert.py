@@ -5,10 +5,12 @@ the worker count), each prefixed by the end-of-text id as in llm.c, so documents
 it. Validation holds out whole documents: by default (`val_tokens=None`) a document goes to
 validation when that keeps the validation split nearer 5% of the tokens read so far, up to 10M
 tokens, so a small corpus keeps about 5% and a large one 10M tokens spread over its first 200M;
-`val_tokens=N` holds out the first documents, N tokens' worth. Train shards are closed at
-the first document boundary past `shard_tokens`. Shards are written atomically and a state file
-records finished shards, so an interrupted conversion resumes without redoing them; meta.json is
-written last and marks the dataset complete.
+`val_tokens=N` holds out the first documents, N tokens' worth. A source with too few documents
+for that (one .txt file, one jsonl record: the rule would hold out nothing, or everything) gets
+its validation split from the tail of the token stream instead: 5% (at most 10M), or N tokens.
+Train shards are closed at the first document boundary past `shard_tokens`. Shards are written
+atomically and a state file records finished shards, so an interrupted conversion resumes without
+redoing them; meta.json is written last and marks the dataset complete.
 """
 import json
 import multiprocessing as mp
@@ -87,6 +89,19 @@ class _Writer:
 
     def buffered(self, split: str) -> int:
         return self.counts[split]
+
+    def move(self, source: str, target: str):
+        """Everything buffered for `source` goes to the end of `target`'s buffer."""
+        self.buffers[target] += self.buffers[source]
+        self.counts[target] += self.counts[source]
+        self.buffers[source], self.counts[source] = [], 0
+
+    def remove_unlisted(self):
+        """Delete shard files the state no longer lists (train shards that a held-out tail was cut from)."""
+        listed = {s["name"] for s in self.state["shards"]}
+        for path in self.out.glob("*.bin"):
+            if path.name not in listed:
+                path.unlink()
 
     def written(self, split: Optional[str] = None) -> int:
         return sum(s["tokens"] for s in self.state["shards"] if split in (None, s["split"]))
@@ -206,8 +221,7 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
                 writer.add("val" if to_val else "train", tokens)
                 val_total += len(tokens) if to_val else 0
                 if val_tokens is not None and to_val and writer.buffered("val") >= val_tokens:
-                    writer.flush(n_docs, "val")
-                    first_val_done = True
+                    first_val_done = True  # written with the first train shard (or at the end)
                 elif writer.buffered("train") >= shard_tokens:
                     writer.flush(n_docs, "train", "val")  # together: the state then covers every document read
             n_bytes += chunk_bytes
@@ -219,10 +233,38 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
             pool.terminate()
     if n_docs == 0:
         raise UserError(f"source '{source}' has no documents (empty input)")
-    if val_tokens is not None and not first_val_done:
-        raise _AllValidation(writer.buffered("val"))
+    totals = {"documents": n_docs, "text_bytes": n_bytes}
+    # Too few documents to hold out whole ones (one .txt file, one record): the tail of the token stream.
+    tail = None
+    if val_tokens is None and val_total == 0:
+        tail = min(VAL_CAP, int(VAL_FRACTION * seen))
+    elif val_tokens and writer.written("train") + writer.buffered("train") == 0:
+        if writer.buffered("val") <= val_tokens:
+            raise _AllValidation(writer.buffered("val"))
+        writer.move("val", "train")
+        tail = val_tokens
+    if tail:
+        _hold_out_tail(writer, tail)
+        totals["val_rule"] = (f"the last {tail:,} tokens of the token stream: the source has too few documents "
+                              "to hold out whole ones")
     writer.flush(n_docs, "train", "val")
-    return {"documents": n_docs, "text_bytes": n_bytes}
+    writer.remove_unlisted()
+    return totals
+
+
+def _hold_out_tail(writer: "_Writer", n: int) -> None:
+    """Make the last `n` tokens of the train split the validation split (the val buffer is empty). Train
+    shards already written are read back as far as the tail reaches into them."""
+    from trainer.data import read_shard
+
+    shards = writer.state["shards"]
+    while writer.buffered("train") < n and any(s["split"] == "train" for s in shards):
+        last = max(i for i, s in enumerate(shards) if s["split"] == "train")
+        writer.buffers["train"].insert(0, np.array(read_shard(writer.out / shards.pop(last)["name"])))
+        writer.counts["train"] += len(writer.buffers["train"][0])
+    stream = np.concatenate(writer.buffers["train"])
+    writer.buffers["train"], writer.counts["train"] = [stream[:-n]], len(stream) - n
+    writer.buffers["val"], writer.counts["val"] = [stream[-n:]], n
 
 
 def _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress):
