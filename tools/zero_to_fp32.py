@@ -27,6 +27,7 @@ import torch
 
 import models
 from trainer import checkpoint
+from trainer.cli import trust_option
 from trainer.errors import UserError
 from trainer.sft.template import Template, write_template
 
@@ -151,6 +152,7 @@ def _write_tokenizer(spec: str, out: Path, block_size: int, log, chat_template: 
 @click.option("--tag", help="Checkpoint in the run: step_0000100 or 100. [default: the newest complete one]")
 @click.option("--hf", is_flag=True, help="Write a Hugging Face model dir (AutoModelForCausalLM) and check its logits.")
 @click.option("--json", "json_output", is_flag=True, help="Print the result as one JSON line.")
+@trust_option
 def main(path, out_dir, tag, hf, json_output):
     """Consolidate the ZeRO checkpoint at PATH (run dir or checkpoint dir) into OUT_DIR."""
     result = export(path, out_dir, tag=tag, hf=hf, log=lambda m: click.echo(m, err=json_output))

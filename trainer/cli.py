@@ -13,9 +13,23 @@ from trainer.config import DEMO_DEFAULTS, FinetuneConfig, TrainConfig
 from trainer.optim import SCHEDULES
 
 
+def trust_option(command):
+    """`--trust-checkpoints`, on the commands that read checkpoints (this group, tools/zero_to_fp32.py)."""
+    def trust(context, param, value):
+        if value:
+            from trainer.checkpoint import safe_load
+
+            safe_load.trust()
+
+    return click.option("--trust-checkpoints", is_flag=True, expose_value=False, is_eager=True, callback=trust,
+                        help="Load checkpoint files with full pickle, which runs any code they carry: only for files "
+                             "from a source you trust. [default: tensors and the types DeepSpeed saves only]")(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
               help="Set by the deepspeed launcher.")
+@trust_option
 def cli(local_rank):
     """Pretrain GPT-2 / GPT-2.5 models with DeepSpeed, evaluate them, export them to Hugging Face.
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from trainer.checkpoint import safe_load
 from trainer.checkpoint.store import model_states_file, read_marker
 from trainer.errors import UserError
 
@@ -62,7 +63,7 @@ def _model_states(ckpt: Path) -> dict:
     states_file = model_states_file(ckpt)
     if states_file is None:
         raise UserError(f"{ckpt} is not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt in it)")
-    return torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
+    return safe_load.load(states_file, map_location="cpu", mmap=True)
 
 
 def client_state(ckpt) -> dict:
@@ -76,6 +77,7 @@ def consolidated_state_dict(ckpt) -> tuple[dict, dict]:
     states = _model_states(ckpt)
     client = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
     if any(ckpt.glob("*optim_states.pt")):
+        safe_load.check_checkpoint(ckpt)  # DeepSpeed's zero_to_fp32 unpickles without restriction
         from trainer.engine import import_deepspeed
 
         import_deepspeed()  # first import with its logger on stderr: stdout carries results

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from trainer import dist
-from trainer.checkpoint import zero_scripts
+from trainer.checkpoint import safe_load, zero_scripts
 from trainer.checkpoint.layout import engine_layout
 from trainer.checkpoint.store import (checkpoints_dir, complete_checkpoints, prune, set_latest, tag_for,
                                       write_marker)
@@ -117,6 +117,7 @@ def load(engine, ckpt, load_path: Optional[Path] = None) -> dict:
     """
     ckpt = Path(ckpt)
     load_path = Path(load_path) if load_path is not None else ckpt
+    safe_load.check_checkpoint(ckpt)  # DeepSpeed's engine unpickles without restriction
     try:
         _, client_state = engine.load_checkpoint(str(load_path.parent), tag=load_path.name,
                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -129,7 +130,7 @@ def load(engine, ckpt, load_path: Optional[Path] = None) -> dict:
         raise UserError(f"could not load checkpoint {ckpt}: DeepSpeed found no model states in it")
     rng_file = ckpt / "rng" / f"rank_{dist.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load.load(rng_file))
     else:
         print(f"note: {ckpt} holds no RNG state for rank {dist.rank()} (saved on fewer ranks); "
               "this rank keeps its fresh seed", flush=True)

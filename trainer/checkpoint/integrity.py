@@ -9,8 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from trainer.checkpoint import safe_load
 from trainer.checkpoint.store import MARKER, is_complete, model_states_file, read_marker
 from trainer.errors import UserError
 
@@ -65,7 +64,7 @@ def check_shards(ckpt) -> dict:
         if problem is not None:
             raise UserError(f"checkpoint {ckpt} is damaged: {problem}; use another checkpoint")
         return marker
-    states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
+    states = safe_load.load(states_file, map_location="cpu", mmap=True)
     expected = int(states.get("dp_world_size") or 1)
     shards = sorted(ckpt.glob("*optim_states.pt"))
     if shards and len(shards) != expected:

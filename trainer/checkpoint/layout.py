@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from trainer import dist
-from trainer.checkpoint import muon_universal
+from trainer.checkpoint import muon_universal, safe_load
 from trainer.ds_config import offloads_optimizer, optimizer_type, precision, zero_stage
 from trainer.checkpoint.store import UNIVERSAL, is_complete, read_marker, write_marker
 from trainer.errors import UserError, describe
@@ -144,6 +144,10 @@ def _run_ds_to_universal(ckpt: Path, out: Path) -> Optional[str]:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    try:
+        safe_load.check_checkpoint(ckpt)  # before ds_to_universal, which unpickles without restriction
+    except UserError as e:
+        return e.message
     tmp = ckpt / (UNIVERSAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)

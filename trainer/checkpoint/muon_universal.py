@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import safe_load
+
 PLACEHOLDERS = ("exp_avg", "exp_avg_sq")
 SOURCE = "universal.src.tmp"
 
@@ -28,7 +30,7 @@ def placeholder_copy(ckpt: Path) -> Path:
         if not file.is_file():
             continue
         if file.name.endswith("optim_states.pt"):
-            state = torch.load(file, map_location="cpu", weights_only=False)
+            state = safe_load.load(file, map_location="cpu")
             _replace_momentum(state["optimizer_state_dict"])
             torch.save(state, out / file.name)
         else:
