@@ -223,7 +223,7 @@ def describe_model(path) -> tuple["models.ModelConfig", Optional[str], dict]:
     except (OSError, ValueError) as e:
         raise UserError(_hf_load_error(name, kind == "hf", e))
     try:
-        config = models.hf.config_from_hf(hf_config)
+        config = models.hf.config_from_hf(hf_config, padded_vocab_size=models.padded_vocab_size(hf_config.vocab_size))
     except ValueError as e:
         raise UserError(f"{name}: {e}")
     return config, _hf_tokenizer_spec(name, local=kind == "hf"), info
@@ -267,8 +267,8 @@ def _load_hf(name: str, local: bool):
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(_hf_load_error(name, local, e))
-    try:
-        return models.hf.from_hf(hf_model)
+    try:  # padded as pretrain pads: the same matmul shapes, so the same numbers as the run it was exported from
+        return models.hf.from_hf(hf_model, padded_vocab_size=models.padded_vocab_size(hf_model.config.vocab_size))
     except ValueError as e:
         raise UserError(f"{name}: {e}")
 
