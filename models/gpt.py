@@ -18,7 +18,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
-from models.layers import MLP, CausalSelfAttention, LMHead, SwiGLU, make_norm, rope_cache
+from models.layers import (MLP, CausalSelfAttention, DocumentMask, LMHead, SwiGLU, make_norm, positions_in_documents,
+                           rope_cache)
 
 
 class KVCache:
@@ -63,12 +64,12 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.llama_layout = config.llama_layout
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, doc_mask=None):
         if self.llama_layout:
             norm1, attn, norm2 = self.input_layernorm, self.self_attn, self.post_attention_layernorm
         else:
             norm1, attn, norm2 = self.ln_1, self.attn, self.ln_2
-        x = x + self.resid_dropout(attn(norm1(x), rope, kv_cache))
+        x = x + self.resid_dropout(attn(norm1(x), rope, kv_cache, doc_mask))
         return x + self.resid_dropout(self.mlp(norm2(x)))
 
 
@@ -184,25 +185,35 @@ class GPT(nn.Module):
                        device or weight.device, dtype or weight.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, kv_cache: KVCache = None,
-                reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab_size); or, given targets (B, T), the loss (models.loss, `reduction`)."""
+                reduction: str = "mean", segments: torch.Tensor = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size); or, given targets (B, T), the loss (models.loss, `reduction`).
+
+        `segments` (B, T) numbers the documents packed into each sequence (non-decreasing along it): a token
+        then attends only within its own document, and positions restart at 0 at each document's start, so
+        a document's outputs do not depend on the documents before it."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        if segments is not None and kv_cache is not None:
+            raise ValueError("segments (document masking) is a training and evaluation input, not for decoding")
+        positions = positions_in_documents(segments) if segments is not None else None
+        doc_mask = DocumentMask(segments) if segments is not None else None
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions if positions is not None else torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         rope = None
-        if self.config.rotary_dim:
+        if self.config.rotary_dim and positions is not None:  # per-sequence tables, broadcast over heads
+            rope = (self.rope_cos[positions].float()[:, None], self.rope_sin[positions].float()[:, None])
+        elif self.config.rotary_dim:
             rope = (self.rope_cos[start:start + T].float(), self.rope_sin[start:start + T].float())
         for i, block in enumerate(self.blocks):
             cache = kv_cache.layer(i) if kv_cache is not None else None
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, doc_mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, doc_mask)
         if kv_cache is not None:
             kv_cache.length += T
         return self.lm_head(self.norm_f(x), targets, reduction)

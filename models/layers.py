@@ -62,7 +62,8 @@ def rope_cache(rotary_dim: int, length: int, theta: float, device=None):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the first cos.size(-1) dims of x (B, H, T, D); the rest pass through (partial rotary)."""
+    """Rotate the first cos.size(-1) dims of x (B, H, T, D); the rest pass through (partial rotary). cos / sin are
+    (T, r), or (B, 1, T, r) for per-sequence positions (documents in a packed sequence)."""
     r = cos.size(-1)
     x_rot, x_pass = x[..., :r], x[..., r:]
     half = r // 2
@@ -99,7 +100,7 @@ class CausalSelfAttention(nn.Module):
     def out_proj(self):
         return self.o_proj if self.llama_names else self.c_proj
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, doc_mask=None):
         B, T, C = x.shape
         if self.llama_names:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -116,7 +117,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v)
         # With a cache, the T new queries sit at the end of the keys: causal means "up to own position".
         causal_offset = k.size(2) - T
-        if causal_offset == 0:
+        if doc_mask is not None:  # causal within each document of a packed sequence (document_mask)
+            y = doc_mask.attend(q, k, v, self.dropout if self.training else 0.0)
+        elif causal_offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -124,6 +127,63 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.out_proj()(y)
+
+
+class DocumentMask:
+    """Attention restricted to each token's own document in a packed sequence: token i sees token j when both
+    lie in the same document and j <= i. `segments` (B, T) numbers the documents along each sequence.
+
+    On a GPU this is FlexAttention with a block mask (blocks wholly outside every document are skipped);
+    elsewhere SDPA with the boolean (B, 1, T, T) mask."""
+
+    def __init__(self, segments: torch.Tensor):
+        self.segments = segments
+        T = segments.size(1)
+        if segments.is_cuda and _flex_attention() is not None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document_causal(b, h, q, kv):
+                return (segments[b, q] == segments[b, kv]) & (kv <= q)
+
+            self.block_mask = create_block_mask(same_document_causal, segments.size(0), None, T, T,
+                                                device=segments.device)
+            self.mask = None
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+            self.mask = (segments[:, :, None] == segments[:, None, :]) & causal
+            self.mask = self.mask[:, None]
+            self.block_mask = None
+
+    def attend(self, q, k, v, dropout_p: float):
+        if self.block_mask is not None:
+            if dropout_p:
+                raise ValueError("document masking on a GPU (FlexAttention) does not support attention dropout")
+            return _flex_attention()(q, k, v, block_mask=self.block_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
+
+
+def positions_in_documents(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document: 0 at every document's first token."""
+    T = segments.size(1)
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+
+
+_FLEX = {}
+
+
+def _flex_attention():
+    """FlexAttention, compiled (its eager form is a slow reference), or None where torch lacks it."""
+    if "fn" not in _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        except ImportError:
+            _FLEX["fn"] = None
+    return _FLEX["fn"]
 
 
 class MLP(nn.Module):

@@ -81,7 +81,8 @@ def _model_of_other_shape(where: Path) -> str:
 NO_DATA = "(no --data: the demo data path)"
 # (id, args builder (tmp, data) -> args, expected fragment of the error line)
 PRETRAIN = [
-    ("wrong-type-int", lambda t, d: ["--micro-batch", "four"], "'four' is not a valid integer"),
+    ("wrong-type-int", lambda t, d: ["--max-steps", "four"], "'four' is not a valid integer"),
+    ("micro-batch-neither-int-nor-auto", lambda t, d: ["--micro-batch", "four"], "'four' is not an integer or auto"),
     ("wrong-type-float", lambda t, d: ["--lr", "fast"], "'fast' is not a valid float"),
     ("bad-choice", lambda t, d: ["--schedule", "exponential"], "'exponential' is not one of"),
     ("unknown-option", lambda t, d: ["--learning-rate", "1"], "No such option '--learning-rate'"),

@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO, TINY_ARGS, events, launch_env, metrics, run_cli, training_records
 from trainer.config import TrainConfig
 from trainer.errors import UserError
-from trainer.pretrain import plan_batches
+from trainer.batching import choose_micro_batch, plan_batches
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_loss.json"
 TINY = [*TINY_ARGS, "--eval-batches", "2", "--save-every", "0"]
@@ -45,6 +45,32 @@ def test_indivisible_global_batch_is_explained():
 def test_seq_len_longer_than_block_size_is_refused():
     with pytest.raises(UserError, match="block_size 64"):
         plan_batches(TrainConfig(seq_len=128), 64, 1)
+
+
+def test_micro_batch_auto_is_the_largest_the_estimate_fits_that_keeps_the_global_batch():
+    """Against estimate-memory's own answer for the same model, config and GPU (its largest micro-batch)."""
+    from click.testing import CliRunner
+
+    import models
+    from trainer.cli import cli
+    from trainer.ds_config import load_ds_config
+    from trainer.memory import model_config
+
+    shown = CliRunner().invoke(cli, ["estimate-memory", "--model", "gpt2-medium", "--gpus", "2", "--seq-len", "1024",
+                                     "--gpu-memory", "24", "--json"])
+    fits = json.loads(shown.output.strip().splitlines()[-1])["max_micro_batch"]
+    arch = model_config("gpt2-medium")
+    assert isinstance(arch, models.ModelConfig) and fits > 2
+    for global_batch, expected in ((None, fits), (64, max(d for d in range(1, fits + 1) if 32 % d == 0)),
+                                   (2, 1)):
+        cfg = TrainConfig(micro_batch="auto", global_batch=global_batch, seq_len=1024)
+        micro, line = choose_micro_batch(cfg, arch, load_ds_config("zero2_bf16"), 2, 24.0)
+        assert micro == expected and f"fits {fits}" in line or global_batch is None, (global_batch, micro, line)
+        plan = plan_batches(TrainConfig(micro_batch=micro, global_batch=global_batch, seq_len=1024), 1024, 2)
+        assert global_batch is None or plan.global_batch == global_batch
+    assert choose_micro_batch(TrainConfig(micro_batch="auto"), arch, load_ds_config("zero2_bf16"), 1, None)[0] == 8
+    with pytest.raises(UserError, match="not even one sequence"):
+        choose_micro_batch(TrainConfig(micro_batch="auto", seq_len=1024), arch, load_ds_config("zero0_bf16"), 1, 2.0)
 
 
 # ---- real runs ------------------------------------------------------------------------------------
@@ -151,15 +177,56 @@ def test_zero3_trains_like_zero2(data, tmp_path):
         [r["val_loss"] for r in z2 if "val_loss" in r], abs=2e-3)
 
 
-@pytest.mark.slow
-def test_compile_trains_like_eager(data, tmp_path):
-    """--compile (torch.compile through DeepSpeed's hook) runs the same model and loss, chunked loss included."""
+@pytest.mark.extended
+def test_compile_trains_like_eager_and_its_run_resumes_exports_and_evaluates(data, tmp_path):
+    """--compile (torch.compile through DeepSpeed's hook) runs the same model and loss, chunked loss included; the
+    compile time is logged; the compiled run's checkpoint resumes (compiled again), exports and evaluates."""
     runs = {}
     for mode in ("--no-compile", "--compile"):
         runs[mode] = tmp_path / mode.strip("-")
         run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(runs[mode]), "--max-steps", "3",
                  "--ds-config", "zero2_fp32", mode])
     assert losses(runs["--compile"]) == pytest.approx(losses(runs["--no-compile"]), abs=1e-4)
+    compiled = runs["--compile"]
+    assert [e["step"] for e in events(compiled) if e["event"] == "compile"] == [1]
+    proc = run_cli(["pretrain", *TINY, "--data", str(data), "--out", str(compiled), "--max-steps", "5",
+                    "--ds-config", "zero2_fp32", "--compile"])
+    assert "resumed from" in proc.stdout and "torch.compile: first step" in proc.stdout
+    run_cli([compiled, tmp_path / "hf", "--hf"], script=REPO / "tools" / "zero_to_fp32.py")
+    ppl = json.loads(run_cli(["eval-ppl", "--model-path", compiled, "--max-tokens", "500", "--no-progress",
+                              "--json"]).stdout.strip().splitlines()[-1])
+    assert math.isfinite(ppl["ppl"])
+
+
+COMPILE_FAILS = '''
+import sys
+from trainer import engine as ds_engine
+from trainer.cli import cli
+
+def backend(graph, inputs):
+    raise RuntimeError("this backend cannot compile")
+
+real = ds_engine.compile_model
+ds_engine.compile_model = lambda engine: real(engine, backend=backend)  # a compile failure, as a broken toolchain
+cli.main(["pretrain", *sys.argv[1:]])
+'''
+
+
+def test_a_compile_failure_falls_back_to_eager_in_one_line(data, tmp_path):
+    """torch.compile fails at the first forward (before anything is applied): one line, the step is taken eagerly,
+    and the run equals an eager one bitwise. Without a C++ compiler, a CPU run does not try."""
+    script = tmp_path / "fails.py"
+    script.write_text(COMPILE_FAILS)
+    args = [*TINY, "--data", str(data), "--max-steps", "3", "--ds-config", "zero2_fp32"]
+    proc = run_cli([*args, "--out", str(tmp_path / "fallback"), "--compile"], script=script)
+    said = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "torch.compile failed" in line]
+    assert len(said) == 1 and "this backend cannot compile" in said[0] and "training eagerly" in said[0], said
+    run_cli(["pretrain", *args, "--out", str(tmp_path / "eager"), "--no-compile"])
+    assert losses(tmp_path / "fallback") == losses(tmp_path / "eager")
+    env = launch_env(CXX=str(tmp_path / "no-such-compiler"))
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", *args, "--out", str(tmp_path / "nocxx"),
+                           "--compile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "needs a C++ compiler" in proc.stdout and "training eagerly" in proc.stdout
 
 
 @pytest.mark.slow

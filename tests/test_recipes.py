@@ -100,7 +100,7 @@ def test_every_recipe_has_a_config():
 @pytest.mark.parametrize("stem", sorted(RECIPES))
 def test_recipe_config_matches_the_published_recipe(stem):
     import models
-    from trainer.pretrain import plan_batches
+    from trainer.batching import plan_batches
 
     want = RECIPES[stem]
     cfg = resolve(str(CONFIGS / f"{stem}.yaml"), {})

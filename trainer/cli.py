@@ -13,6 +13,21 @@ from trainer.config import DEMO_DEFAULTS, FinetuneConfig, TrainConfig
 from trainer.optim import SCHEDULES
 
 
+class _IntOrAuto(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or auto", param, ctx)
+
+
+INT_OR_AUTO = _IntOrAuto()
+
+
 def trust_option(command):
     """`--trust-checkpoints`, on the commands that read checkpoints (this group, tools/zero_to_fp32.py)."""
     def trust(context, param, value):
@@ -76,7 +91,9 @@ def training_options(cls=TrainConfig, exclude=()):
                      help="DeepSpeed JSON (path or name in ds_configs/), or auto." + _default("ds_config")),
         click.option("--init-from", help="Start from a consolidated model dir, HF model dir or hub name."),
         click.option("--seq-len", type=int, help="Sequence length. [default: the model's block_size; the demo: 256]"),
-        click.option("--micro-batch", type=int, help="Sequences per rank per forward pass." + _default("micro_batch")),
+        click.option("--micro-batch", type=INT_OR_AUTO,
+                     help="Sequences per rank per forward pass, or auto: the largest the memory estimate fits on "
+                          "the GPUs, the global batch kept by accumulation." + _default("micro_batch")),
         click.option("--grad-accum", type=int,
                      help="Micro-batches per optimizer step. [default: from the global batch, else 1]"),
         click.option("--global-batch", type=int, help="Sequences per optimizer step over all ranks."),
@@ -109,8 +126,12 @@ def training_options(cls=TrainConfig, exclude=()):
         click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
                      help="Recompute block activations in backward to save memory."
                           + _default("activation_checkpointing")),
+        click.option("--doc-masking/--no-doc-masking", default=None,
+                     help="In packed windows, attend only within each document (positions restart at each one)."
+                          + _default("doc_masking")),
         click.option("--compile/--no-compile", "compile_", default=None,
-                     help="torch.compile the model." + _default("compile")),
+                     help="torch.compile the model (if it cannot compile, the run says so and trains eagerly). "
+                          "[default: on for CUDA GPUs, off on CPUs]"),
         click.option("--max-skips", type=int,
                      help="Roll back after this many consecutive non-finite steps." + _default("max_skips")),
         click.option("--max-rollbacks", type=click.IntRange(min=0),

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
@@ -35,7 +35,7 @@ class TrainConfig:
     init_from: Optional[str] = None              # consolidated model dir, HF dir or hub name
     # batch
     seq_len: Optional[int] = None                # default: the model's block_size
-    micro_batch: int = 8
+    micro_batch: Union[int, str] = 8             # or "auto": the largest the memory estimate fits (trainer/batching.py)
     grad_accum: Optional[int] = None             # default: derived from global batch, else 1
     global_batch: Optional[int] = None           # sequences per optimizer step, all ranks
     global_batch_tokens: Optional[int] = None    # tokens per optimizer step, all ranks
@@ -62,7 +62,8 @@ class TrainConfig:
     muon_weight_decay: float = 0.0               # decoupled, like AdamW's: p *= 1 - muon_lr * muon_weight_decay
     seed: int = 1337
     activation_checkpointing: bool = False
-    compile: bool = False
+    doc_masking: bool = False                    # attention and positions restart at every document in a window
+    compile: Optional[bool] = None               # None: torch.compile on CUDA GPUs, eager on CPUs
     max_skips: int = 10                          # consecutive non-finite steps before a rollback
     max_rollbacks: int = 3                       # rollbacks to the last checkpoint before giving up
     # cadence
@@ -156,9 +157,12 @@ def validate(c: TrainConfig) -> None:
                 "seq_len", "eval_batches", "log_every", "save_every", "eval_every", "keep_last")
     for name in positive:
         value = getattr(c, name)
+        if name == "micro_batch" and value == "auto":
+            continue
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
                                   or (value == 0 and name not in ("eval_every", "save_every", "keep_last"))):
-            raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise UserError(f"{name.replace('_', '-')} must be a positive integer"
+                            + (" or auto" if name == "micro_batch" else "") + f", got {value!r}")
     if c.schedule not in SCHEDULES:
         raise UserError(f"unknown schedule '{c.schedule}'; choose one of {', '.join(SCHEDULES)}")
     if c.lr <= 0 or c.min_lr < 0 or c.min_lr > c.lr:

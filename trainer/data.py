@@ -149,6 +149,10 @@ class Dataset:
     def describe(self) -> str:
         return f"{self.path} ({self.train_tokens:,} train tokens, tokenizer {self.tokenizer_spec})"
 
+    def segments(self, x):
+        """(B, T) document numbers of a batch for --doc-masking: every document starts with end-of-text."""
+        return (x == self.eot_id).cumsum(dim=-1)
+
     def client_state(self) -> dict:
         """What checkpoints record about the data besides the tokenizer: nothing more for shards."""
         return {}

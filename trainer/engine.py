@@ -118,6 +118,14 @@ def _destroy_process_group_at_exit() -> None:
         torch.distributed.destroy_process_group()
 
 
+def gpu_memory_gb() -> Optional[float]:
+    """Memory of the smallest GPU any rank of the launch has (GB = 2**30 bytes); None without GPUs."""
+    if not torch.cuda.is_available():
+        return None
+    mine = torch.tensor(-float(torch.cuda.get_device_properties(dist.local_rank()).total_memory), device=device())
+    return -float(dist.all_reduce_max(mine)) / 2 ** 30
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
@@ -203,9 +211,47 @@ def initialize_error(error: Exception, ds_config: dict) -> UserError:
                      "config but zero2_offload_bf16 and zero2_fusedadam_bf16) uses torch's own AdamW", every_rank=True)
 
 
-def compile_model(engine) -> None:
-    """torch.compile through DeepSpeed's own hook, so ZeRO's forward/backward hooks stay in place."""
-    engine.compile()
+def compile_model(engine, backend: Optional[str] = None) -> Optional[str]:
+    """torch.compile through DeepSpeed's own hook, so ZeRO's forward/backward hooks stay in place. Returns
+    None, or why torch.compile cannot work here (the model then stays eager). Compilation itself happens
+    at the first forward; `uncompile` undoes this if it fails there."""
+    missing = compile_blocker(engine.device)
+    if missing:
+        return missing
+    engine.compile(**({"backend": backend} if backend else {}))
+    return None
+
+
+def compile_blocker(device: torch.device) -> Optional[str]:
+    """What inductor, torch.compile's code generator, lacks on this machine, if anything."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "torch.compile on a GPU needs triton (pip install triton)"
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception:  # torch's own search for g++ / $CXX failed
+        return "torch.compile on a CPU needs a C++ compiler (g++, or $CXX)"
+    return None
+
+
+def is_compile_error(error: BaseException) -> bool:
+    """An error raised by torch.compile's tracer or code generator (not by the model's own code)."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def describe_compile_error(error: BaseException) -> str:
+    """One line for a torch.compile failure: the backend's own error where dynamo wraps one."""
+    inner = getattr(error, "inner_exception", None)
+    return describe(inner if inner is not None else error, line=0)
+
+
+def uncompile(engine) -> None:
+    """Back to the eager module: what DeepSpeed's engine.compile() set (nn.Module.compile in place), undone."""
+    engine.module._compiled_call_impl = None
+    engine._is_compiled = False
 
 
 # ---- pre-flight checks for `doctor` ----------------------------------------------------------------------

@@ -87,8 +87,8 @@ def open_data(cfg: FinetuneConfig) -> SFTData:
 
 def _checked(cfg: FinetuneConfig, data: SFTData) -> SFTData:
     """Too few held-out examples for one validation batch is an error now, not at the first evaluation."""
-    if cfg.eval_every:
-        data.val_stream(cfg.seq_len, cfg.micro_batch).count(1)
+    if cfg.eval_every:  # (--micro-batch auto is chosen later: one example per batch is the least it can be)
+        data.val_stream(cfg.seq_len, 1 if cfg.micro_batch == "auto" else cfg.micro_batch).count(1)
     return data
 
 

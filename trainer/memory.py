@@ -285,15 +285,16 @@ def _total_bytes(states: dict, act: dict, buckets: int) -> tuple[float, str]:
     return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES, phase
 
 
-def estimate(preset: str, ds_config: dict, *, overrides: dict | None = None, gpus: int = 1, micro_batch: int = 1,
-             seq_len: int | None = None, activation_checkpointing: bool = False, gpu_memory_gb: float = 24.0,
-             ds_name: str = "") -> Estimate:
+def estimate(preset: str | None, ds_config: dict, *, overrides: dict | None = None, gpus: int = 1,
+             micro_batch: int = 1, seq_len: int | None = None, activation_checkpointing: bool = False,
+             gpu_memory_gb: float = 24.0, ds_name: str = "", model_cfg=None) -> Estimate:
+    """The estimate for a preset (+ overrides), or for a run's own ModelConfig (`model_cfg`)."""
     for name, value in (("--gpus", gpus), ("--micro-batch", micro_batch)):
         if value is None or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value}")
     if gpu_memory_gb is None or gpu_memory_gb <= 0:
         raise UserError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
-    cfg = model_config(preset, overrides)
+    cfg = model_cfg if model_cfg is not None else model_config(preset, overrides)
     seq_len = seq_len or cfg.block_size
     if seq_len < 1 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be between 1 and the model's block_size {cfg.block_size}, got {seq_len}")
@@ -329,7 +330,8 @@ def estimate(preset: str, ds_config: dict, *, overrides: dict | None = None, gpu
         notes.append("ZeRO-0 replicates all optimizer state on every GPU; stage 1 or 2 divides it by --gpus")
     gb = lambda x: round(x / GB, 3)
     return Estimate(
-        model=preset, ds_config=ds_name, stage=ds.stage, precision=ds.precision, offload_optimizer=ds.offload_optimizer,
+        model=preset or "", ds_config=ds_name, stage=ds.stage, precision=ds.precision,
+        offload_optimizer=ds.offload_optimizer,
         gpus=gpus, micro_batch=micro_batch, seq_len=seq_len, activation_checkpointing=activation_checkpointing,
         gpu_memory_gb=gpu_memory_gb, n_params=P,
         params_gb=gb(states["params"]), grads_gb=gb(states["grads"]),

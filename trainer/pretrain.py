@@ -14,8 +14,8 @@ component decides for itself whether the step is its turn: the log, the non-fini
 """
 import dataclasses
 import json
-import math
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +24,7 @@ import torch
 
 import models
 from trainer import dist, engine as ds_engine, hostmem, recovery
+from trainer.batching import BatchPlan, choose_micro_batch, plan_batches, total_steps
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_yaml
 from trainer.data import Dataset, TrainStream, ValStream
@@ -31,6 +32,7 @@ from trainer.ds_config import (build_ds_config, default_grad_clip, load_ds_confi
                                optimizer_implementation, resolve_ds_config_path, uses_muon)
 from trainer.errors import UserError
 from trainer.metrics import peak_flops
+from trainer.prefetch import Batches, document_segments
 from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
                            set_lr)
 from trainer.runlog import RunLog
@@ -40,62 +42,7 @@ from trainer.validation import validation_loss
 
 # Settings a resumed run may change; they take effect from the resume step (trainer/optim.py).
 RESUMABLE_CHANGES = ("lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "beta1", "beta2", "eps",
-                     "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay")
-
-
-@dataclass
-class BatchPlan:
-    """How one optimizer step's global batch is split over ranks and micro-batches."""
-    seq_len: int
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
-
-
-def plan_batches(cfg: TrainConfig, block_size: int, world_size: int) -> BatchPlan:
-    seq_len = cfg.seq_len or block_size
-    if seq_len > block_size:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's block_size {block_size}; "
-                        f"lower --seq-len or pass --set block_size={seq_len}")
-    per_step = cfg.micro_batch * world_size
-    target = cfg.global_batch
-    if cfg.global_batch_tokens is not None:
-        if cfg.global_batch_tokens % seq_len:
-            raise UserError(f"--global-batch-tokens {cfg.global_batch_tokens} is not a multiple of --seq-len {seq_len}")
-        target = cfg.global_batch_tokens // seq_len
-    if target is not None:
-        if target % per_step:
-            raise UserError(f"global batch of {target} sequences is not divisible by ranks x micro-batch = "
-                            f"{world_size} x {cfg.micro_batch} = {per_step}; change --micro-batch or the global batch")
-        accum = target // per_step
-        if cfg.grad_accum is not None and cfg.grad_accum != accum:
-            raise UserError(f"--grad-accum {cfg.grad_accum} contradicts the global batch ({target} sequences = "
-                            f"{world_size} ranks x {cfg.micro_batch} micro-batch x {accum}); give only one of them")
-    else:
-        accum = cfg.grad_accum or 1
-    return BatchPlan(seq_len=seq_len, micro_batch=cfg.micro_batch, grad_accum=accum, world_size=world_size)
-
-
-def total_steps(cfg: TrainConfig, plan: BatchPlan, stream: TrainStream) -> int:
-    """The run length from --max-steps, --max-tokens or --epochs (the smallest wins)."""
-    limits = []
-    if cfg.max_steps is not None:
-        limits.append(cfg.max_steps)
-    if cfg.max_tokens is not None:
-        limits.append(math.ceil(cfg.max_tokens / plan.tokens_per_step))
-    if cfg.epochs is not None:
-        limits.append(math.ceil(cfg.epochs * stream.samples_per_epoch / plan.global_batch))
-    if not limits:
-        limits.append(math.ceil(stream.samples_per_epoch / plan.global_batch))  # one epoch
-    return max(1, min(limits))
+                     "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay", "doc_masking")
 
 
 def open_dataset(cfg: TrainConfig) -> Dataset:
@@ -156,6 +103,7 @@ class Run:
     model_cfg: "models.ModelConfig"
     plan: BatchPlan
     stream: TrainStream
+    batches: Batches              # this rank's share of each global batch, read ahead on a GPU (trainer/prefetch.py)
     val: ValStream
     total_steps: int
     engine: object
@@ -164,6 +112,7 @@ class Run:
     optimizer: str                # the implementation that runs, e.g. "torch.optim.AdamW (fused)"
     adam_flags: Optional[dict]    # torch AdamW's {"fused", "foreach"} (None: DeepSpeed's own Adam)
     grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
+    compile_pending: bool         # torch.compile is set up and compiles at the next step (trainer/engine.py)
     state: TrainState
     checkpointer: Checkpointer
     stop: StopPolicy
@@ -225,10 +174,13 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
     hostmem.keep_freed_memory(ds_engine.device())
     dataset = task.open_data(cfg)
     model_cfg = task.model_config(cfg, dataset)
+    base_config = load_ds_config(cfg.ds_config)
+    if cfg.micro_batch == "auto":
+        cfg.micro_batch, how = choose_micro_batch(cfg, model_cfg, base_config, world, ds_engine.gpu_memory_gb())
+        dist.print0(how)
     plan = plan_batches(cfg, model_cfg.block_size, world)
     stream = dataset.train_stream(plan.seq_len, plan.global_batch, cfg.seed)
     steps = total_steps(cfg, plan, stream)
-    base_config = load_ds_config(cfg.ds_config)
     if cfg.grad_clip is None:
         cfg.grad_clip, why = default_grad_clip(base_config)
         if why:
@@ -247,8 +199,12 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
         ds_config = checkpointer.prepare(dataclasses.asdict(model_cfg), ds_config, world, plan.global_batch)
     groups = param_groups(model, cfg.weight_decay, muon=muon, muon_weight_decay=cfg.muon_weight_decay)
     engine = ds_engine.initialize(model, groups, ds_config)
-    if cfg.compile:
-        ds_engine.compile_model(engine)
+    compiled = False
+    if cfg.compile if cfg.compile is not None else engine.device.type == "cuda":  # None: auto
+        blocker = ds_engine.compile_model(engine)
+        compiled = blocker is None
+        if blocker:
+            dist.print0(f"{blocker}: training eagerly (--no-compile skips the attempt)")
     state = TrainState()
     if checkpointer.resume_from is not None:
         client = checkpointer.load(engine)
@@ -257,9 +213,12 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
         _report_changes(client, cfg, steps, state.step, muon)
     checkpointer.start_timeline(state.step)
     run = Run(cfg=cfg, task=task, dataset=dataset, model_cfg=model_cfg, plan=plan, stream=stream,
+              batches=Batches(stream, plan.global_batch, engine.device,
+                              dataset.segments if cfg.doc_masking else None),
               val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
               groups=group_names(groups), muon=muon, optimizer=implementation.label,
               adam_flags=implementation.adam_flags, grad_norm_reported=not muon_update_in_grad_norm(ds_config),
+              compile_pending=compiled,
               state=state, checkpointer=checkpointer,
               stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
     run.apply_settings()
@@ -330,17 +289,19 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     averaging divides out): the step minimises one token-weighted mean, whatever the split.
     """
     engine, plan, state = run.engine, run.plan, run.state
-    x, y = run.stream.local_batch(state.cursor, dist.rank(), dist.world_size())
+    x, y, segments = run.batches.at(state.cursor)
     scored = run.stream.scored_targets(state.cursor)  # None: every target is scored
     loss_sum = torch.zeros((), device=run.device)
     skipped_before = engine.skipped_steps
     for i in range(plan.grad_accum):
         rows = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
         xb, yb = x[rows].to(run.device, non_blocking=True), y[rows].to(run.device, non_blocking=True)
+        documents = document_segments(segments, rows, run.device)  # --doc-masking, where a window holds a boundary
+        documents = {} if documents is None else {"segments": documents}
         if scored is None:
-            loss = engine(xb, yb)
+            loss = engine(xb, yb, **documents)
         else:
-            loss = engine(xb, yb, reduction="sum") * (plan.grad_accum * plan.world_size / max(scored, 1))
+            loss = engine(xb, yb, reduction="sum", **documents) * (plan.grad_accum * plan.world_size / max(scored, 1))
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
@@ -355,10 +316,13 @@ def train(run: Run) -> str:
     while state.step < run.total_steps:
         started = time.perf_counter()
         lr, muon_lr = run.set_lr(state.step)
-        loss, skipped = train_step(run)
+        compiling = run.compile_pending
+        loss, skipped = first_compiled_step(run) if compiling else train_step(run)
         last = state.step >= run.total_steps
         grad_norm = engine.get_global_grad_norm() if run.grad_norm_reported else None
         run.log.step(state, loss, lr, grad_norm, skipped, last, muon_lr=muon_lr)
+        if compiling:
+            run.log.restart_clock(state)  # the compilation stays out of tokens/s
         if skipped:
             run.log.say(f"step {state.step}: non-finite gradients, update skipped on all ranks "
                         f"({state.skips_in_a_row} in a row, {state.skipped} in total)")
@@ -379,12 +343,39 @@ def train(run: Run) -> str:
     return "finished"
 
 
+def first_compiled_step(run: Run) -> tuple[torch.Tensor, bool]:
+    """The first step of a compiled run, which compiles: its time is logged (and kept out of tokens/s). If
+    torch.compile fails in the first forward, before anything was applied, the run says so in one line and
+    takes the step eagerly; a failure later in the step is an error (--no-compile avoids it)."""
+    engine = run.engine
+    micro_steps, started = engine.micro_steps, time.perf_counter()
+    run.compile_pending = False
+    try:
+        result = train_step(run)
+    except Exception as e:
+        in_backward = any(frame.name == "backward" for frame in traceback.extract_tb(e.__traceback__))
+        if not ds_engine.is_compile_error(e):
+            raise
+        if in_backward or engine.micro_steps != micro_steps:
+            raise UserError(f"torch.compile failed during the first step ({ds_engine.describe_compile_error(e)}); "
+                            "rerun with --no-compile", every_rank=True) from e
+        ds_engine.uncompile(engine)
+        run.log.say(f"torch.compile failed ({ds_engine.describe_compile_error(e)}): training eagerly (--no-compile "
+                    "skips the attempt)")
+        return train_step(run)
+    seconds = time.perf_counter() - started
+    run.log.event({"event": "compile", "step": run.state.step, "seconds": seconds})
+    run.log.say(f"torch.compile: first step {seconds:.1f} s, compilation included (not counted in tokens/s)")
+    return result
+
+
 def validate_if_due(run: Run, last: bool) -> None:
     step, every = run.state.step, run.cfg.eval_every
     if not every or not (step % every == 0 or last):
         return
     with run.log.excluded() as timing:
-        run.last_val = validation_loss(run.engine, run.val, run.cfg.eval_batches, run.device)
+        run.last_val = validation_loss(run.engine, run.val, run.cfg.eval_batches, run.device,
+                                       run.dataset.segments if run.cfg.doc_masking else None)
     run.log.record({"step": step, "val_loss": run.last_val, "eval_seconds": timing["seconds"]})
     run.log.say(f"step {step}: val_loss {run.last_val:.4f}")
 

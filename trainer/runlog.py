@@ -70,6 +70,11 @@ class RunLog:
         self._steps = 0
         self._window_start(state.tokens)
 
+    def restart_clock(self, state) -> None:
+        """The current window's rate is measured from here on (after the step that compiled the model); its
+        loss keeps the steps already in it."""
+        self._window_start(state.tokens)
+
     def restart_window(self, state) -> None:
         """After a rollback: the bar and the window continue from the restored step."""
         self.bar.n = state.step

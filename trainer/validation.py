@@ -7,16 +7,20 @@ import torch
 from trainer import dist
 from trainer.data import ValStream
 from trainer.loss import IGNORE_INDEX
+from trainer.prefetch import document_segments
 
 
-def validation_loss(engine, val: ValStream, n_batches: int, device) -> float:
-    """Mean validation loss over min(n_batches, available) batches, split across ranks."""
+def validation_loss(engine, val: ValStream, n_batches: int, device, segments_of=None) -> float:
+    """Mean validation loss over min(n_batches, available) batches, split across ranks; `segments_of` (the
+    data source's `segments`, with --doc-masking) scores each document within its own attention window."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for b in dist.rank_share(val.count(n_batches), dist.rank(), dist.world_size()):
             x, y = val.batch(b if b is not None else 0)
-            loss = engine(x.to(device), y.to(device), reduction="sum").double()
+            segments = document_segments(segments_of(x), slice(None), device) if segments_of else None
+            documents = {"segments": segments} if segments is not None else {}
+            loss = engine(x.to(device), y.to(device), reduction="sum", **documents).double()
             if b is not None:  # a padding forward (see dist.rank_share) scores nothing
                 total[0] += loss
                 total[1] += (y != IGNORE_INDEX).sum()

@@ -43,6 +43,11 @@ class SFTData:
                 f"long); {s['train_tokens']:,} train tokens, {s['trained_tokens']:,} of them trained ({share:.0%})"
                 f"{', packed' if self.packing else ', padded'}")
 
+    def segments(self, x):
+        """(B, T) example numbers of a packed batch for --doc-masking: every example ends with end-of-text."""
+        ends = x == self.eot_id
+        return ends.cumsum(dim=-1) - ends.long()
+
     def client_state(self) -> dict:
         """Checkpoints record the template (for generate --chat and the HF export) and what made the data."""
         return {"template": self.template.to_dict(), "sft": {**self.identity, "stats": self.stats,
