@@ -309,3 +309,33 @@ def test_export_is_the_trained_model_and_loads_in_transformers(ref2, session, tm
                         weights_only=False)["module"]
     assert all(torch.equal(written[k].bfloat16(), module[k]) for k in written)  # the masters round to the weights
     assert any(not torch.equal(written[k], module[k].float()) for k in written)  # and carry more than bf16
+
+
+# ---- Newton-Schulz batched over same-shape matrices (trainer/engine_muon.py) ---------------------------
+
+def test_batched_updates_equal_deepspeeds_one_matrix_at_a_time(ns_method="standard", dtype=torch.bfloat16):
+    """The batched path gives DeepSpeed's muon_update for every matrix: the same momentum and Nesterov blend
+    (elementwise), the same orthogonalized update up to the batched matmuls' rounding; a matrix whose
+    gradient is not finite keeps its momentum and passes the non-finite values on (the step is skipped).
+    (bf16 standard iteration, what CPU bf16 runs use; the ZeRO-1/2 oracle runs above take the batched path
+    with DeepSpeed's fp32 gram iteration.)"""
+    from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+    from trainer.engine_muon import batched_muon_updates
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(32, 32)] * 4 + [(96, 32)] * 3 + [(32, 96)] * 2
+    grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    grads[5][1, 2] = float("nan")
+    momenta = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    theirs_g, theirs_m = [g.clone() for g in grads], [m.clone() for m in momenta]
+    theirs = [muon_update(g, m, 0.95, ns_method=ns_method) for g, m in zip(theirs_g, theirs_m)]
+    ours = batched_muon_updates(grads, momenta, 0.95, ns_method)
+    tolerance = 2 * torch.finfo(dtype).eps  # a rounding step or two of values of order one
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.allclose(momenta[i], theirs_m[i], atol=tolerance, rtol=0), i
+        assert torch.allclose(grads[i], theirs_g[i], atol=tolerance, rtol=0, equal_nan=True), i
+        if i == 5:
+            assert not torch.isfinite(a).all() and not torch.isfinite(b).all()
+            continue
+        assert torch.allclose(a.float(), b.float(), atol=4 * tolerance, rtol=0), (i, (a - b).abs().max())

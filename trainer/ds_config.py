@@ -124,6 +124,7 @@ class OptimizerImpl:
     op: Optional[str] = None       # the DeepSpeed op that must be built first; None: pure PyTorch
     fused: Optional[bool] = None   # torch AdamW's implementation flags (None: not torch's AdamW)
     foreach: Optional[bool] = None
+    muon_ns: Optional[str] = None  # Newton-Schulz method the trainer sets for Muon (None: the JSON's or DeepSpeed's)
 
     @property
     def adam_flags(self) -> Optional[dict]:
@@ -141,7 +142,12 @@ def optimizer_implementation(config: dict, device_type: str) -> OptimizerImpl:
     if kind not in ADAM_TYPES:
         return OptimizerImpl(f"DeepSpeed's {config['optimizer'].get('type')} optimizer")
     params = config.get("optimizer", {}).get("params", {})
-    muon = "Muon + " if kind == "muon" else ""
+    muon_ns = None
+    if kind == "muon" and "ns_method" not in params and device_type != "cuda" and precision(config) == "bf16":
+        # DeepSpeed's default "gram" iteration runs in fp16, or in fp32 where the accelerator has no fp16 (a
+        # CPU); the standard quintic iteration runs in bf16 there, as modded-nanogpt runs it on GPUs.
+        muon_ns = "standard"
+    muon = f"Muon ({muon_ns} Newton-Schulz) + " if muon_ns else "Muon + " if kind == "muon" else ""
     if params.get("torch_adam"):
         on_gpu = device_type == "cuda" and not offloads_optimizer(config)
         fused, foreach = params.get("fused"), params.get("foreach")
@@ -151,9 +157,10 @@ def optimizer_implementation(config: dict, device_type: str) -> OptimizerImpl:
         if fused is None and foreach is None:
             fused, foreach = on_gpu, not on_gpu
         how = "fused" if fused else "foreach" if foreach else "for-loop"
-        return OptimizerImpl(f"{muon}torch.optim.AdamW ({how})", fused=bool(fused), foreach=bool(foreach))
+        return OptimizerImpl(f"{muon}torch.optim.AdamW ({how})", fused=bool(fused), foreach=bool(foreach),
+                             muon_ns=muon_ns)
     op = "cpu_adam" if offloads_optimizer(config) else "fused_adam"
-    return OptimizerImpl(f"{muon}{BUILT_OPS[op]}", op=op)
+    return OptimizerImpl(f"{muon}{BUILT_OPS[op]}", op=op, muon_ns=muon_ns)
 
 
 def optimizer_type(config: dict) -> str:

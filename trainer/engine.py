@@ -153,6 +153,10 @@ def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
     deepspeed = import_deepspeed()
 
     check_precision_supported(ds_config)
+    if uses_muon(ds_config):
+        from trainer import engine_muon
+
+        engine_muon.install()
     try:
         with _muon_tags(deepspeed, param_groups if uses_muon(ds_config) else []):
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)

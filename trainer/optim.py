@@ -95,7 +95,7 @@ def set_lr(optimizer, names: list[str], lr: float, muon_lr: float = None) -> Non
 
 def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: float, weight_decay: float,
                           muon_momentum: float = None, muon_weight_decay: float = None,
-                          adam_flags: dict = None) -> None:
+                          adam_flags: dict = None, muon_ns: str = None) -> None:
     """Write the run's betas, eps and weight decay into the AdamW groups (the decay group gets
     `weight_decay`, the others 0), and momentum and weight decay into the Muon group. `names` are the
     groups' names in the order param_groups made them; DeepSpeed keeps that order (and drops nothing)
@@ -103,12 +103,15 @@ def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: flo
 
     `adam_flags` ({"fused": ..., "foreach": ...}, for torch's AdamW) pick its implementation in each
     AdamW group: DeepSpeed's Muon builds its AdamW without them, and a checkpoint load brings back the
-    flags of the machine that saved it (foreach on a CPU, fused on a GPU)."""
+    flags of the machine that saved it (foreach on a CPU, fused on a GPU). `muon_ns` is the Muon group's
+    Newton-Schulz method where the trainer chooses it (trainer/ds_config.py)."""
     _check_groups(optimizer, names)
     for group, name in zip(optimizer.param_groups, names):
         if name == MUON:
             group["momentum"] = muon_momentum
             group["weight_decay"] = muon_weight_decay
+            if muon_ns is not None:
+                group["ns_method"] = muon_ns
             continue
         group["betas"] = tuple(betas)
         group["eps"] = eps

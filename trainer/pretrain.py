@@ -111,6 +111,7 @@ class Run:
     muon: bool                    # DeepSpeed's Muon for the hidden matrices (trainer/optim.py), AdamW for the rest
     optimizer: str                # the implementation that runs, e.g. "torch.optim.AdamW (fused)"
     adam_flags: Optional[dict]    # torch AdamW's {"fused", "foreach"} (None: DeepSpeed's own Adam)
+    muon_ns: Optional[str]        # the Muon group's Newton-Schulz method where the trainer picks it
     grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
     compile_pending: bool         # torch.compile is set up and compiles at the next step (trainer/engine.py)
     state: TrainState
@@ -143,7 +144,8 @@ class Run:
         c = self.cfg
         apply_hyperparameters(self.engine.optimizer, self.groups, betas=(c.beta1, c.beta2), eps=c.eps,
                               weight_decay=c.weight_decay, muon_momentum=c.muon_momentum,
-                              muon_weight_decay=c.muon_weight_decay, adam_flags=self.adam_flags)
+                              muon_weight_decay=c.muon_weight_decay, adam_flags=self.adam_flags,
+                              muon_ns=self.muon_ns)
 
     def client_state(self) -> dict:
         """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
@@ -217,7 +219,8 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
                               dataset.segments if cfg.doc_masking else None),
               val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
               groups=group_names(groups), muon=muon, optimizer=implementation.label,
-              adam_flags=implementation.adam_flags, grad_norm_reported=not muon_update_in_grad_norm(ds_config),
+              adam_flags=implementation.adam_flags, muon_ns=implementation.muon_ns,
+              grad_norm_reported=not muon_update_in_grad_norm(ds_config),
               compile_pending=compiled,
               state=state, checkpointer=checkpointer,
               stop=StopPolicy(cfg.max_time, cfg.stop_after_steps, state.step, engine.device))
