@@ -197,8 +197,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         if segments is not None and kv_cache is not None:
             raise ValueError("segments (document masking) is a training and evaluation input, not for decoding")
-        positions = positions_in_documents(segments) if segments is not None else None
-        doc_mask = DocumentMask(segments) if segments is not None else None
+        positions = doc_mask = None
+        if segments is not None:
+            positions = positions_in_documents(segments)
+            doc_mask = DocumentMask(segments, self.config.dropout if self.training else 0.0)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions if positions is not None else torch.arange(start, start + T, device=idx.device))

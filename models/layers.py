@@ -134,12 +134,13 @@ class DocumentMask:
     lie in the same document and j <= i. `segments` (B, T) numbers the documents along each sequence.
 
     On a GPU this is FlexAttention with a block mask (blocks wholly outside every document are skipped);
-    elsewhere SDPA with the boolean (B, 1, T, T) mask."""
+    elsewhere, and with attention dropout (which FlexAttention lacks), SDPA with the boolean (B, 1, T, T)
+    mask. Both are built once per forward and shared by every layer."""
 
-    def __init__(self, segments: torch.Tensor):
-        self.segments = segments
+    def __init__(self, segments: torch.Tensor, dropout: float = 0.0):
         T = segments.size(1)
-        if segments.is_cuda and _flex_attention() is not None:
+        self.block_mask = self.mask = None
+        if segments.is_cuda and not dropout and _flex_attention() is not None:
             from torch.nn.attention.flex_attention import create_block_mask
 
             def same_document_causal(b, h, q, kv):
@@ -147,17 +148,12 @@ class DocumentMask:
 
             self.block_mask = create_block_mask(same_document_causal, segments.size(0), None, T, T,
                                                 device=segments.device)
-            self.mask = None
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-            self.mask = (segments[:, :, None] == segments[:, None, :]) & causal
-            self.mask = self.mask[:, None]
-            self.block_mask = None
+            self.mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
     def attend(self, q, k, v, dropout_p: float):
         if self.block_mask is not None:
-            if dropout_p:
-                raise ValueError("document masking on a GPU (FlexAttention) does not support attention dropout")
             return _flex_attention()(q, k, v, block_mask=self.block_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
 
