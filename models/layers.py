@@ -140,7 +140,9 @@ class DocumentMask:
     def __init__(self, segments: torch.Tensor, dropout: float = 0.0):
         T = segments.size(1)
         self.block_mask = self.mask = None
-        if segments.is_cuda and not dropout and _flex_attention() is not None:
+        # Under torch's deterministic mode, SDPA (whose kernels that flag governs) rather than FlexAttention.
+        flex_ok = not dropout and not torch.are_deterministic_algorithms_enabled()
+        if segments.is_cuda and flex_ok and _flex_attention() is not None:
             from torch.nn.attention.flex_attention import create_block_mask
 
             def same_document_causal(b, h, q, kv):

@@ -129,6 +129,9 @@ def training_options(cls=TrainConfig, exclude=()):
         click.option("--doc-masking/--no-doc-masking", default=None,
                      help="In packed windows, attend only within each document (positions restart at each one)."
                           + _default("doc_masking")),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="Bitwise repeatable steps on GPUs too (deterministic kernels, slower); an op without one "
+                          "is an error." + _default("deterministic")),
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the model (if it cannot compile, the run says so and trains eagerly). "
                           "[default: on for CUDA GPUs, off on CPUs]"),

@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 1337
     activation_checkpointing: bool = False
     doc_masking: bool = False                    # attention and positions restart at every document in a window
+    deterministic: bool = False                  # bitwise repeatable steps on GPUs too (trainer/determinism.py)
     compile: Optional[bool] = None               # None: torch.compile on CUDA GPUs, eager on CPUs
     max_skips: int = 10                          # consecutive non-finite steps before a rollback
     max_rollbacks: int = 3                       # rollbacks to the last checkpoint before giving up

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 import models
-from trainer import dist, engine as ds_engine, hostmem, recovery
+from trainer import determinism, dist, engine as ds_engine, hostmem, recovery
 from trainer.batching import BatchPlan, choose_micro_batch, plan_batches, total_steps
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, save_yaml
@@ -171,6 +171,8 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
 
 
 def _setup(cfg: TrainConfig, task: Task) -> Run:
+    if cfg.deterministic:
+        determinism.enable()
     ds_engine.init_distributed()
     world = dist.world_size()
     hostmem.keep_freed_memory(ds_engine.device())
@@ -202,7 +204,8 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
     groups = param_groups(model, cfg.weight_decay, muon=muon, muon_weight_decay=cfg.muon_weight_decay)
     engine = ds_engine.initialize(model, groups, ds_config)
     compiled = False
-    if cfg.compile if cfg.compile is not None else engine.device.type == "cuda":  # None: auto
+    auto_compile = engine.device.type == "cuda" and not cfg.deterministic
+    if cfg.compile if cfg.compile is not None else auto_compile:
         blocker = ds_engine.compile_model(engine)
         compiled = blocker is None
         if blocker:
@@ -239,6 +242,12 @@ def _report_changes(client: dict, cfg: TrainConfig, steps: int, step: int, muon:
         changes.append(f"run length {saved_steps} -> {steps} steps (the LR schedule now ends at step {steps})")
     if changes:
         dist.print0(f"resuming with changed settings, in effect from step {step + 1}: {'; '.join(changes)}")
+    if bool(saved.get("deterministic")) != cfg.deterministic:
+        dist.print0("note: this run was trained with --deterministic and resumes without it: on a GPU its steps "
+                    "from here differ from a deterministic continuation (pass --deterministic to keep it)"
+                    if saved.get("deterministic") else
+                    "note: this run was trained without --deterministic and resumes with it: its steps from here "
+                    "repeat bit for bit, the ones before did not")
 
 
 def start_log(run: Run) -> RunLog:
@@ -421,6 +430,11 @@ def run(cfg: TrainConfig, json_output: bool = False, task: Optional[Task] = None
     try:  # any error below (a failed save, a rollback that gives up) leaves the bar closed, so `Error:` starts a line
         r.engine.train()
         stop_reason = train(r)
+    except RuntimeError as e:
+        explained = determinism.explain(e)
+        if explained is None:
+            raise
+        raise explained from e
     finally:
         r.log.close()
     result = {"run_dir": str(cfg.out), "step": r.state.step, "tokens": r.state.tokens, "loss": r.log.last_loss,
