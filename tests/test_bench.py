@@ -2,6 +2,7 @@
 shapes and parameter counts as transformers counts them, MFU below the peak measured in the same run,
 and tokens/s no higher than the tokens it timed over the time the whole process took."""
 import json
+import subprocess
 import sys
 import time
 
@@ -61,3 +62,19 @@ def test_sample_efficiency_reads_the_tokens_where_a_curve_crosses_the_target():
     assert tokens_to_reach(curve, 2.25) == pytest.approx(250)
     assert tokens_to_reach(curve, 3.5) == 100 and tokens_to_reach(curve, 2.0) == 300
     assert tokens_to_reach(curve, 1.9) is None
+
+
+@pytest.mark.extended
+def test_the_gpu_report_runs_at_smoke_size_and_finds_cpu_steps_bitwise(tmp_path):
+    """bench/gpu_report.py --smoke, as CI keeps it working: every section runs (memory needs a GPU and says so),
+    and on a CPU two runs and a paused-and-resumed one are bitwise, with --deterministic and without."""
+    proc = subprocess.run([sys.executable, "bench/gpu_report.py", "--smoke", "--work", str(tmp_path), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for section in ("versions", "doctor", "bench", "loop", "muon", "memory", "exactness"):
+        assert "error" not in report[section], (section, report[section])
+    assert report["doctor"]["problems"] == 0 and "torch.optim.AdamW" in report["doctor"]["optimizer"]
+    assert report["bench"]["ours"]["tokens_per_s"] > 0 and report["muon"]["muon_over_adamw"] > 0
+    for mode in ("deterministic", "default"):
+        assert report["exactness"][mode]["two_runs_bitwise"] and report["exactness"][mode]["resumed_bitwise"], mode
