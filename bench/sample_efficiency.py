@@ -17,10 +17,11 @@ tokens, through ZeRO-2 bf16 on one rank, each with a small learning-rate sweep:
   speedrun  the `gpt25-speedrun` preset at this size, Muon (momentum 0.95) on the blocks' matrices,
             AdamW (lr = muon lr / 8) on embeddings, head, norms; no clipping; warmup, constant, then
             linear decay to 0 over the last 30% (the modded-nanogpt schedule).
-It prints each run's validation curve, the best run of each side, the tokens the best speedrun run
-needs to reach the best baseline's final validation loss (where its curve crosses it, interpolated
-between evaluations), the ratio, a confirmation run of the speedrun recipe on half the budget (its
-own schedule, so it decays in time) and training tokens/s (evaluation excluded) of both sides.
+It prints each run's validation curve, the best run of each side, the tokens and the training wall
+time (evaluation excluded) the best speedrun run needs to reach the best baseline's final validation
+loss (where its curve crosses it, interpolated between evaluations), the ratios, a confirmation run of
+the speedrun recipe on half the budget (its own schedule, so it decays in time) and training tokens/s
+(evaluation excluded) of both sides.
 `--ablation` instead trains GPT-2.5 + Muon with each model option added alone and all together.
 """
 import argparse
@@ -111,14 +112,35 @@ def train(name: str, recipe: list[str], tokens: int, args, work: Path) -> dict:
     records = read_metrics(out)
     train_records = [r for r in records if "loss" in r]
     curve = [(step * per_step, loss) for step, loss in zip(*series(records, "val_loss"))]
+    clock = training_clock(train_records)
     result = {"name": name, "recipe": " ".join(recipe), "tokens": steps * per_step, "curve": curve,
-              "final_val": curve[-1][1],
+              "seconds_curve": [(seconds_at(clock, tokens), loss) for tokens, loss in curve],
+              "seconds": clock[-1][1], "final_val": curve[-1][1],
               # the first window holds the first step's one-time work (torch.compile of the Muon kernels)
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_records[1:]),
               "params": _params(out)}
     print(f"  {name:<28} final val {result['final_val']:.4f}  {result['tokens_per_s']:>8,.0f} tokens/s  "
           f"curve {' '.join(f'{v:.3f}' for _, v in curve)}", flush=True)
     return result
+
+
+def training_clock(train_records: list) -> list:
+    """(tokens, training seconds so far) at every logged step: each record's window took its tokens over its
+    tokens/s (evaluation and saves are not in the rate, so not in this clock)."""
+    clock, tokens, seconds = [(0, 0.0)], 0, 0.0
+    for record in train_records:
+        seconds += (record["tokens"] - tokens) / record["tokens_per_s"]
+        tokens = record["tokens"]
+        clock.append((tokens, seconds))
+    return clock
+
+
+def seconds_at(clock: list, tokens: float) -> float:
+    """Training seconds when `tokens` had been trained on, interpolated between logged steps."""
+    for (t0, s0), (t1, s1) in zip(clock, clock[1:]):
+        if t0 <= tokens <= t1:
+            return s0 + (s1 - s0) * (tokens - t0) / max(t1 - t0, 1)
+    return clock[-1][1]
 
 
 def _params(run_dir: Path) -> int:
@@ -155,6 +177,7 @@ def compare(args, work: Path) -> dict:
     best_s = min(speedrun, key=lambda r: r["final_val"])
     target = best_b["final_val"]
     reach = tokens_to_reach(best_s["curve"], target)
+    reach_seconds = tokens_to_reach(best_s["seconds_curve"], target)  # the same crossing, on the training clock
     muon_lr = args.muon_lrs[speedrun.index(best_s)]
     half = train(f"speedrun-muon{muon_lr:g}-half", speedrun_args(muon_lr), args.tokens // 2, args, work)
     result = {"corpus": "CPython stdlib .py sources, byte-level", "data": str(args.data),
@@ -162,7 +185,9 @@ def compare(args, work: Path) -> dict:
               "tokens_per_step": tokens_per_step(args), "budget_tokens": args.tokens,
               "baseline": baseline, "speedrun": speedrun, "best_baseline": best_b["name"],
               "best_speedrun": best_s["name"], "target_val": target, "speedrun_tokens_to_target": reach,
-              "ratio": reach / best_b["tokens"] if reach else None, "half_budget_run": half,
+              "ratio": reach / best_b["tokens"] if reach else None, "speedrun_seconds_to_target": reach_seconds,
+              "baseline_seconds": best_b["seconds"],
+              "time_ratio": reach_seconds / best_b["seconds"] if reach_seconds else None, "half_budget_run": half,
               "half_budget_reaches_target": half["final_val"] <= target,
               "tokens_per_s": {"baseline": best_b["tokens_per_s"], "speedrun": best_s["tokens_per_s"]}}
     print(f"\nbest baseline {best_b['name']}: final val {target:.4f} after {best_b['tokens']:,} tokens "
@@ -171,7 +196,8 @@ def compare(args, work: Path) -> dict:
           f"({best_s['tokens_per_s']:,.0f} tokens/s, {best_s['params']:,} params)")
     if reach:
         print(f"speedrun reaches the baseline's {target:.4f} after {reach:,.0f} tokens: "
-              f"{result['ratio']:.2f}x the baseline's tokens")
+              f"{result['ratio']:.2f}x the baseline's tokens; after {reach_seconds:,.0f} s of training against the "
+              f"baseline's {best_b['seconds']:,.0f} s: {result['time_ratio']:.2f}x its wall time")
     else:
         print(f"speedrun does not reach the baseline's {target:.4f} within {args.tokens:,} tokens")
     print(f"speedrun on half the budget ({half['tokens']:,} tokens, its own schedule): final val "
