@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import click
 
-from trainer.convert import convert
-from trainer.data import Dataset, TrainStream
-from trainer.sources import iter_documents
+from trainer.data.convert import convert
+from trainer.data.shards import Dataset, TrainStream
+from trainer.data.sources import iter_documents
 
 
 def make_corpus(directory: Path, megabytes: float) -> tuple[Path, int]:

@@ -23,8 +23,8 @@ DATA = REPO / "data" / "pydoc-paragraphs-bytes"
 
 
 def paragraph_corpus(out: Path = DATA) -> Path:
-    from trainer.convert import convert
-    from trainer.sources import iter_documents
+    from trainer.data.convert import convert
+    from trainer.data.sources import iter_documents
 
     if (out / "meta.json").is_file():
         return out
@@ -53,8 +53,8 @@ def score(run: Path, data: Path, seq_len: int, batches: int) -> dict:
     """Mean validation loss (nats per byte) of the run's final model, masked and unmasked."""
     import torch
 
-    from trainer.data import Dataset
-    from trainer.modelio import load_model
+    from trainer.data.shards import Dataset
+    from trainer.eval.modelio import load_model
 
     model, _, _ = load_model(run)
     dataset = Dataset.open(data)
@@ -86,7 +86,7 @@ def main() -> None:
         run = Path(args.out) / ("masked" if masked else "unmasked")
         train(data, run, masked, args)
         results["--doc-masking" if masked else "off"] = score(run, data, args.seq_len, args.val_batches)
-    from trainer.data import Dataset
+    from trainer.data.shards import Dataset
 
     dataset = Dataset.open(data)
     print(f"{args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps, "

@@ -107,7 +107,7 @@ class Report:
 
     def data(self) -> Path:
         """The pydoc corpus in the shape's tokenizer (the bench and the loop read the same tokens)."""
-        from trainer.convert import convert
+        from trainer.data.convert import convert
 
         tokenizer = self.shape["tokenizer"]
         out = self.work / f"data-{tokenizer}"
@@ -147,7 +147,7 @@ class Report:
         import torch
 
         from trainer import memory
-        from trainer.ds_config import load_ds_config
+        from trainer.engine.ds_config import load_ds_config
 
         if not torch.cuda.is_available():
             return {"skipped": "no GPU: peak allocated memory is a CUDA measurement"}

@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     work = Path(tempfile.mkdtemp(prefix="grad-accum-"))
     data = work / "pydoc-bytes"

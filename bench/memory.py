@@ -26,9 +26,10 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
     import torch
 
     from models import GPT, get_config
-    from trainer import engine, memory
-    from trainer.ds_config import build_ds_config, load_ds_config
-    from trainer.optim import param_groups
+    from trainer import memory
+    from trainer.engine import build as engine
+    from trainer.engine.ds_config import build_ds_config, load_ds_config
+    from trainer.train.optim import param_groups
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = load_ds_config(f"zero{stage}_bf16" if precision == "bf16" else "zero2_fp32")
@@ -64,11 +65,10 @@ def engine_bytes(stage: int, precision: str = "bf16", micro_batch: int = 2, seq_
 
 
 def cmd_engine(args) -> None:
-    from trainer import engine
-
     import torch
 
     from trainer import dist
+    from trainer.engine import build as engine
 
     engine.init_distributed()
     for stage in [int(s) for s in args.stages.split(",")]:
@@ -125,9 +125,10 @@ def cmd_gpu(args) -> None:
     import torch
 
     from models import GPT
-    from trainer import engine, memory
-    from trainer.ds_config import build_ds_config, load_ds_config, uses_muon
-    from trainer.optim import param_groups
+    from trainer import memory
+    from trainer.engine import build as engine
+    from trainer.engine.ds_config import build_ds_config, load_ds_config, uses_muon
+    from trainer.train.optim import param_groups
 
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: run this on a GPU machine")

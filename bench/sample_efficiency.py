@@ -45,7 +45,7 @@ OPTIONS = ("qk_norm=true", "relu_squared=true", "tie_embeddings=false", "zero_in
 
 def stdlib_corpus(out: Path = DATA) -> Path:
     """The stdlib's .py sources as byte-level shards (once; later calls reuse them)."""
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     if (out / "meta.json").is_file():
         return out

@@ -5,18 +5,18 @@
     deepspeed --num_gpus 2 bench/train_throughput.py --model gpt2-mini --seq-len 256 --micro-batch 4
 
 Both models run in the same process through the same code: the DeepSpeed JSON given by --ds-config
-merged by `trainer.ds_config.build_ds_config`, `trainer.engine.initialize`, batches from
-`trainer.data.TrainStream` (a synthetic dataset of random tokens, or --data DIR), and the training
+merged by `trainer.engine.ds_config.build_ds_config`, `trainer.engine.build.initialize`, batches from
+`trainer.data.shards.TrainStream` (a synthetic dataset of random tokens, or --data DIR), and the training
 loop's idiom `engine(x, y)` -> `engine.backward` -> `engine.step`. "ours" is `models.GPT` with the
 padded vocabulary the trainer uses, computing its loss itself (models/loss.py); "hf" is
 `transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for GPT-2.5 presets) built from
 `models.hf.hf_config(cfg)` behind an adapter that scores its logits with the same loss
-(`trainer.loss.lm_loss`, fp32 cross-entropy). Each model is timed over --steps optimizer steps after
+(`models.loss.cross_entropy`, fp32 cross-entropy). Each model is timed over --steps optimizer steps after
 --warmup steps, --repeats times; the best window counts (the machine may be shared, noise only ever
-slows a window). On CPU both run with trainer/hostmem.py's malloc setting, as training does.
+slows a window). On CPU both run with trainer/train/hostmem.py's malloc setting, as training does.
 
 MFU = tokens/s x flops_per_token (PaLM formula, unpadded vocabulary, the same figure for both) over
-the peak of all ranks: on GPU the datasheet table in trainer/metrics.py; on CPU a matmul peak of the
+the peak of all ranks: on GPU the datasheet table in trainer/train/metrics.py; on CPU a matmul peak of the
 run's precision measured here, by every rank at once with its own threads (ranks share the cores).
 """
 import argparse
@@ -86,7 +86,7 @@ def model_config(args):
     cfg = models.get_config(args.model, **args.overrides)
     if args.seq_len > cfg.block_size:
         cfg = models.get_config(args.model, **{**args.overrides, "block_size": args.seq_len})
-    if "padded_vocab_size" not in args.overrides:  # what trainer/pretrain.py does
+    if "padded_vocab_size" not in args.overrides:  # what trainer/train/loop.py does
         cfg.padded_vocab_size = models.padded_vocab_size(cfg.vocab_size)
     return cfg
 
@@ -99,7 +99,7 @@ class HFForward(torch.nn.Module):
         self.hf = hf_model
 
     def forward(self, idx, targets):
-        from trainer.loss import lm_loss
+        from models.loss import cross_entropy as lm_loss
 
         return lm_loss(self.hf(input_ids=idx, use_cache=False).logits, targets)
 
@@ -128,7 +128,7 @@ def synthetic_dataset(vocab_size: int, tokens: int):
     import numpy as np
 
     from trainer import dist
-    from trainer.data import Dataset, write_shard
+    from trainer.data.shards import Dataset, write_shard
 
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpt-trainer-bench-v{vocab_size}-n{tokens}"
     if dist.is_main() and not (root / "meta.json").is_file():
@@ -150,7 +150,8 @@ def synthetic_dataset(vocab_size: int, tokens: int):
 
 def device_peak(dtype_name: str, device) -> tuple[float, str]:
     """Peak FLOP/s of all ranks together, and where the figure comes from."""
-    from trainer import dist, metrics
+    from trainer import dist
+    from trainer.train import metrics
 
     world = dist.world_size()
     if device.type == "cuda":
@@ -168,8 +169,9 @@ def device_peak(dtype_name: str, device) -> tuple[float, str]:
 # ---- timing ---------------------------------------------------------------------------------------
 
 def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
-    from trainer import dist, engine as ds_engine
-    from trainer.optim import param_groups
+    from trainer import dist
+    from trainer.engine import build as ds_engine
+    from trainer.train.optim import param_groups
 
     rank, world = dist.rank(), dist.world_size()
     model, name = build_model(impl, cfg, args.activation_checkpointing)
@@ -182,7 +184,7 @@ def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
     mb = args.micro_batch
     cursor = 0
 
-    def step():  # the loop of trainer/pretrain.py, one optimizer step
+    def step():  # the loop of trainer/train/loop.py, one optimizer step
         nonlocal cursor
         x, y = stream.local_batch(cursor, rank, world)
         for i in range(grad_accum):
@@ -241,11 +243,13 @@ def run_impl(impl, cfg, args, ds_config, stream, grad_accum):
 def main(argv=None):
     args = parse_args(argv)
 
-    from trainer import dist, engine as ds_engine, hostmem
-    from trainer.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path, uses_muon, zero_stage
-    from trainer.ds_config import precision as ds_precision
-    from trainer.data import Dataset, TrainStream
+    from trainer import dist
+    from trainer.data.shards import Dataset, TrainStream
+    from trainer.engine import build as ds_engine
+    from trainer.engine.ds_config import build_ds_config, load_ds_config, resolve_ds_config_path, uses_muon, zero_stage
+    from trainer.engine.ds_config import precision as ds_precision
     from trainer.errors import UserError
+    from trainer.train import hostmem
 
     base = load_ds_config(args.ds_config)
     if uses_muon(base):
@@ -253,7 +257,7 @@ def main(argv=None):
                         "the same AdamW config (Muon's groups are our blocks' matrices): pass an AdamW config. "
                         "bench/sample_efficiency.py reports Muon runs' tokens/s")
     ds_engine.init_distributed()
-    hostmem.keep_freed_memory(ds_engine.device())  # as trainer/pretrain.py does
+    hostmem.keep_freed_memory(ds_engine.device())  # as trainer/train/loop.py does
     world = dist.world_size()
     cfg = model_config(args)
     global_batch = args.micro_batch * args.grad_accum * world

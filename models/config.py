@@ -80,6 +80,43 @@ class ModelConfig:
         GELU models use GPT-2's (c_attn, c_fc, transformer.h.N), so each family maps key-for-key to HF."""
         return self.mlp == "swiglu"
 
+    @property
+    def layout(self) -> "Layout":
+        return LLAMA_LAYOUT if self.llama_layout else GPT2_LAYOUT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where GPT-2 and GPT-2.5 differ in structure: only the names of the same pre-norm block's parts, which
+    are the state-dict keys of GPT2LMHeadModel and of LlamaForCausalLM (so export and import are key-for-key
+    copies), and GPT-2's fused q/k/v projection. Everything else GPT-2.5 changes (RMSNorm, SwiGLU, RoPE, no
+    bias) is a config field of its own, chosen where the part is built.
+
+        part               GPT-2              GPT-2.5 (Llama)
+        model root         transformer        model
+        token embedding    wte                embed_tokens
+        block list         h                  layers
+        final norm         ln_f               norm
+        block: norm, attn  ln_1, attn         input_layernorm, self_attn
+        block: norm, mlp   ln_2, mlp          post_attention_layernorm, mlp
+        attention          c_attn (q,k,v), c_proj    q_proj, k_proj, v_proj, o_proj
+    """
+    root: str
+    embed: str
+    blocks: str
+    final_norm: str
+    attn_norm: str
+    attn: str
+    mlp_norm: str
+    fused_qkv: bool
+
+
+GPT2_LAYOUT = Layout(root="transformer", embed="wte", blocks="h", final_norm="ln_f", attn_norm="ln_1", attn="attn",
+                     mlp_norm="ln_2", fused_qkv=True)
+LLAMA_LAYOUT = Layout(root="model", embed="embed_tokens", blocks="layers", final_norm="norm",
+                      attn_norm="input_layernorm", attn="self_attn", mlp_norm="post_attention_layernorm",
+                      fused_qkv=False)
+
 
 def _llama_hidden(n_embd: int, multiple_of: int = 256) -> int:
     hidden = int(2 * 4 * n_embd / 3)

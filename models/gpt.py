@@ -18,8 +18,16 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
-from models.layers import (MLP, CausalSelfAttention, DocumentMask, LMHead, SwiGLU, make_norm, positions_in_documents,
-                           rope_cache)
+from models.layers import (
+    MLP,
+    CausalSelfAttention,
+    DocumentMask,
+    LMHead,
+    SwiGLU,
+    make_norm,
+    positions_in_documents,
+    rope_cache,
+)
 
 
 class KVCache:
@@ -47,29 +55,26 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). Its parts' names are the
+    layout's (models/config.py Layout); the MLP is GPT-2's GELU MLP or GPT-2.5's SwiGLU."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.llama_layout:  # GPT-2.5: Llama names for the same pre-norm block
-            self.input_layernorm = make_norm(config)
-            self.self_attn = CausalSelfAttention(config)
-            self.post_attention_layernorm = make_norm(config)
-            self.mlp = SwiGLU(config)
-        else:
-            self.ln_1 = make_norm(config)
-            self.attn = CausalSelfAttention(config)
-            self.ln_2 = make_norm(config)
-            self.mlp = MLP(config)
+        names = config.layout
+        setattr(self, names.attn_norm, make_norm(config))
+        setattr(self, names.attn, CausalSelfAttention(config))
+        setattr(self, names.mlp_norm, make_norm(config))
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)  # GPT-2.5: SwiGLU
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.llama_layout = config.llama_layout
+        self.names = names
+
+    @property
+    def attention(self) -> CausalSelfAttention:
+        return getattr(self, self.names.attn)
 
     def forward(self, x, rope=None, kv_cache=None, doc_mask=None):
-        if self.llama_layout:
-            norm1, attn, norm2 = self.input_layernorm, self.self_attn, self.post_attention_layernorm
-        else:
-            norm1, attn, norm2 = self.ln_1, self.attn, self.ln_2
-        x = x + self.resid_dropout(attn(norm1(x), rope, kv_cache, doc_mask))
+        norm1, norm2 = getattr(self, self.names.attn_norm), getattr(self, self.names.mlp_norm)
+        x = x + self.resid_dropout(self.attention(norm1(x), rope, kv_cache, doc_mask))
         return x + self.resid_dropout(self.mlp(norm2(x)))
 
 
@@ -77,21 +82,14 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        c = config
-        if c.llama_layout:  # GPT-2.5: LlamaForCausalLM layout (no learned positions)
-            self.model = nn.Module()
-            self.model.embed_tokens = nn.Embedding(c.padded_vocab_size, c.n_embd)
-            self.model.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-            self.model.norm = make_norm(c)
-            if c.pos_emb == "learned":
-                self.model.wpe = nn.Embedding(c.block_size, c.n_embd)
-        else:
-            self.transformer = nn.Module()
-            self.transformer.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
-            if c.pos_emb == "learned":
-                self.transformer.wpe = nn.Embedding(c.block_size, c.n_embd)
-            self.transformer.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-            self.transformer.ln_f = make_norm(c)
+        c, names = config, config.layout
+        root = nn.Module()  # transformer.* (GPT2LMHeadModel) or model.* (LlamaForCausalLM)
+        setattr(root, names.embed, nn.Embedding(c.padded_vocab_size, c.n_embd))
+        if c.pos_emb == "learned":  # GPT-2.5: RoPE instead
+            root.wpe = nn.Embedding(c.block_size, c.n_embd)
+        setattr(root, names.blocks, nn.ModuleList(Block(c) for _ in range(c.n_layer)))
+        setattr(root, names.final_norm, make_norm(c))
+        setattr(self, names.root, root)
         self.drop = nn.Dropout(c.dropout)
         self.lm_head = LMHead(c.n_embd, c.padded_vocab_size, c.vocab_size, c.logit_softcap)
         if c.tie_embeddings:
@@ -111,23 +109,26 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = rope_cache(self.config.rotary_dim, self.config.block_size,
                                                       self.config.rope_theta, device)
 
-    # -- structure helpers shared by both layouts --------------------------------------------------
+    # -- the parts, whatever the layout calls them ------------------------------------------------------
+    @property
+    def root(self) -> nn.Module:
+        return getattr(self, self.config.layout.root)
+
     @property
     def wte(self) -> nn.Embedding:
-        return self.model.embed_tokens if self.config.llama_layout else self.transformer.wte
+        return getattr(self.root, self.config.layout.embed)
 
     @property
     def wpe(self):
-        owner = self.model if self.config.llama_layout else self.transformer
-        return getattr(owner, "wpe", None)
+        return getattr(self.root, "wpe", None)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.model.layers if self.config.llama_layout else self.transformer.h
+        return getattr(self.root, self.config.layout.blocks)
 
     @property
     def norm_f(self) -> nn.Module:
-        return self.model.norm if self.config.llama_layout else self.transformer.ln_f
+        return getattr(self.root, self.config.layout.final_norm)
 
     # -- initialisation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -144,7 +145,7 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
         for block in self.blocks:
-            for proj in (block.self_attn if self.config.llama_layout else block.attn).out_proj(), block.mlp.out_proj():
+            for proj in block.attention.out_proj(), block.mlp.out_proj():
                 if self.config.zero_init_proj:
                     nn.init.zeros_(proj.weight)
                 else:

@@ -83,29 +83,29 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
         self.dropout = config.dropout
-        self.llama_names = config.llama_layout
+        self.fused_qkv = config.layout.fused_qkv
         if config.qk_norm:  # Qwen3's q_norm / k_norm: over each head's dims, with a gain, before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
-        if self.llama_names:  # GPT-2.5: Llama projection names
+        if self.fused_qkv:  # GPT-2: q, k, v in one matmul
+            self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+            self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        else:  # GPT-2.5: Llama's projections
             self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
             self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
             self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
             self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        else:
-            self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-            self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def out_proj(self):
-        return self.o_proj if self.llama_names else self.c_proj
+        return self.c_proj if self.fused_qkv else self.o_proj
 
     def forward(self, x, rope=None, kv_cache=None, doc_mask=None):
         B, T, C = x.shape
-        if self.llama_names:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
+        if self.fused_qkv:
             q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim) for t in (q, k, v))
         if self.qk_norm:  # on (B, T, H, D), contiguous for the projections
             q, k = self.q_norm(q), self.k_norm(k)

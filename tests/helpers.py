@@ -45,9 +45,17 @@ def single_process_env():
 # ---- launching the CLI the way users do ----------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
+# On a GPU the suite's bitwise comparisons hold under --deterministic (on a CPU steps are bitwise anyway).
+ON_GPU = torch.cuda.is_available()
+EXACT = ["--deterministic"] if ON_GPU else []
 # The tiny run most end-to-end tests train (each adds its length, cadence and DeepSpeed config).
 TINY_ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2",
-             "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7"]
+             "--min-lr", "3e-4", "--eval-every", "0", "--log-every", "1", "--seed", "7", *EXACT]
+
+
+def available_ranks() -> int:
+    """Ranks a launch here can have: one per GPU, or (CPU ranks share the cores) any number."""
+    return torch.cuda.device_count() if ON_GPU else 1 << 10
 PORTS = set()  # master ports of multi-rank launches (DeepSpeed's CPU all-reduce would name /dev/shm buffers by them)
 
 
@@ -60,8 +68,14 @@ def launch_env(**extra) -> dict:
 
 
 def cli_command(args, ranks: int = 1, script=None) -> list:
-    """`python -m trainer.cli ARGS` (or `python SCRIPT ARGS`) on one rank; under the deepspeed launcher on more."""
+    """`python -m trainer.cli ARGS` (or `python SCRIPT ARGS`) on one rank; under the deepspeed launcher on more.
+    A test asking for more ranks than this machine has GPUs is skipped."""
     from trainer.dist import free_port
+
+    if ranks > available_ranks():
+        import pytest
+
+        pytest.skip(f"{ranks} ranks need {ranks} GPUs; this machine has {available_ranks()}")
 
     if ranks == 1:
         return [sys.executable, *([str(script)] if script else ["-m", "trainer.cli"]), *map(str, args)]
@@ -114,7 +128,7 @@ def curve(run_dir, key: str) -> list:
 
 
 def warmup_cosine(step: int, max_lr: float, min_lr: float, total: int, warmup: int = 2) -> float:
-    """Linear warmup + cosine to min_lr at `total`, written out independently of trainer/optim.py."""
+    """Linear warmup + cosine to min_lr at `total`, written out independently of trainer/train/optim.py."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))) / 2
@@ -140,7 +154,7 @@ def poisoned(data_dir, out, steps, seq: int = 64, global_batch: int = 8, seed: i
 
     POISON is byte 0xFF (never in UTF-8 text, so nowhere else in the corpus): exactly the batches holding it
     produce a NaN loss and NaN gradients; every other batch never reads that row."""
-    from trainer.data import Dataset, TrainStream, write_shard
+    from trainer.data.shards import Dataset, TrainStream, write_shard
 
     dataset_dir = out / "data"
     shutil.copytree(data_dir, dataset_dir)
@@ -197,8 +211,8 @@ def _drive(jobs_file: str, results_file: str) -> None:
     from click.testing import CliRunner
 
     import tools.convert_shards
-    from trainer import pretrain
     from trainer.cli import cli
+    from trainer.train import pretrain
 
     asked = []
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from helpers import cli_command
+
 from trainer.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ TINY = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--max-steps
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
     convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)

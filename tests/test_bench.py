@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO, launch_env, run_cli
 
 BENCH = REPO / "bench" / "train_throughput.py"

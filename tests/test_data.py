@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer.convert import convert
-from trainer.data import HEADER_BYTES, MAGIC, Dataset, TrainStream, ValStream, read_shard, write_shard
+from trainer.data.convert import convert
+from trainer.data.shards import HEADER_BYTES, MAGIC, Dataset, TrainStream, ValStream, read_shard, write_shard
+from trainer.data.sources import iter_documents
+from trainer.data.tokenizer import get_tokenizer
 from trainer.dist import rank_share
 from trainer.errors import UserError
-from trainer.sources import iter_documents
-from trainer.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_worker_count_does_not_change_a_byte(tmp_path):
 
 def interrupt_on_write(monkeypatch, n: int) -> None:
     """Ctrl-C as the conversion writes its n-th shard (the earlier ones are written for real)."""
-    import trainer.convert as conv
+    import trainer.data.convert as conv
 
     real, calls = conv.write_shard, {"n": 0}
 
@@ -104,7 +104,7 @@ def test_interrupted_conversion_resumes_without_redoing_shards(tmp_path, monkeyp
 def test_default_validation_split_fits_a_small_corpus(tmp_path, monkeypatch):
     """`convert_shards.py --source pydoc --tokenizer bytes --out DIR` with no --val-tokens: about 5% of the
     tokens held out as whole documents, every document in exactly one split; capped on a large corpus."""
-    import trainer.convert as conv
+    import trainer.data.convert as conv
 
     proc = subprocess.run([sys.executable, "tools/convert_shards.py", "--source", "pydoc", "--tokenizer", "bytes",
                            "--out", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
@@ -196,7 +196,7 @@ def test_default_split_resumes_byte_identical(tmp_path, monkeypatch):
 
 
 def test_a_changed_setting_is_named_with_the_way_forward(tmp_path, monkeypatch):
-    import trainer.convert as conv
+    import trainer.data.convert as conv
 
     out = tmp_path / "d"
     with pytest.raises(UserError, match=r"holds only 466,\d+ tokens, and --val-tokens 10000000 would hold all of "

@@ -6,8 +6,8 @@ equals the uninterrupted one bitwise; an op with no deterministic implementation
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from helpers import TINY_ARGS, curve, run_cli
+
 from trainer.cli import cli
 
 ARGS = [*TINY_ARGS, "--global-batch", "8", "--save-every", "3", "--keep-last", "0", "--no-tracking",

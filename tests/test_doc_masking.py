@@ -4,11 +4,11 @@ boundary is computed exactly as without the option."""
 import pytest
 import torch
 import yaml
+from helpers import TINY_ARGS, curve, run_cli
 
 import models
-from helpers import TINY_ARGS, curve, run_cli
 from models.layers import positions_in_documents
-from trainer.prefetch import document_segments
+from trainer.data.prefetch import document_segments
 
 EOT = 256
 
@@ -70,8 +70,8 @@ def test_masked_training_step_has_gradients_with_activation_checkpointing():
 
 def test_a_run_on_one_long_document_is_the_same_with_and_without_the_option(tmp_path):
     """Every window of a one-document corpus lies inside the document: --doc-masking changes nothing, bitwise."""
-    from trainer.convert import convert
-    from trainer.sources import iter_documents
+    from trainer.data.convert import convert
+    from trainer.data.sources import iter_documents
 
     (tmp_path / "book.txt").write_text("\n\n".join(iter_documents("pydoc")))
     convert(str(tmp_path / "book.txt"), "bytes", tmp_path / "data", progress=False)

@@ -7,8 +7,8 @@ from collections import namedtuple
 import torch
 from click.testing import CliRunner
 
-from trainer import doctor
 from trainer.cli import cli
+from trainer.engine import doctor
 
 
 def _run(*args):
@@ -83,7 +83,7 @@ def test_an_arch_list_entry_deepspeed_cannot_parse_is_found_with_deepspeeds_own_
     """TORCH_CUDA_ARCH_LIST=9.0a (Hopper's suffix, which torch accepts) breaks DeepSpeed's CUDA op builds."""
     from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, whatever this machine has
 
-    from trainer import engine
+    from trainer.engine import build as engine
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     found, fix = engine.arch_list_problem(FusedAdamBuilder())

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import ds_config
+from trainer.engine import ds_config
 from trainer.errors import UserError
 
 NUMBERS = dict(micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,

@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import equal_state, random_model, run_cli, single_process_env
 
 import models
-from trainer.cli import cli
-from trainer.errors import UserError
-from trainer.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
-from trainer.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
-from trainer.tokenizer import get_tokenizer
 from tools.pydoc_tasks import write_rolling_task
-
-from helpers import equal_state, random_model, run_cli, single_process_env
+from trainer.cli import cli
+from trainer.data.tokenizer import get_tokenizer
+from trainer.errors import UserError
+from trainer.eval.evaluate import PplConfig, perplexity, run_ppl, sliding_windows
+from trainer.eval.modelio import guess_tokenizer_spec, load_model, read_tokenizer_spec, write_tokenizer_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +128,7 @@ def test_bits_per_byte_and_word_level(files):
 
 def byte_dataset(data: Path, text: str) -> tuple[list, list]:
     """A bytes-tokenized dataset dir whose val shard is `text`'s paragraphs: (tokens, documents)."""
-    from trainer.data import write_shard
+    from trainer.data.shards import write_shard
 
     data.mkdir()
     docs = [list(d.encode("utf-8")) for d in text.split("\n\n") if d]
@@ -208,7 +207,8 @@ def test_missing_tokenizer_is_explained(files, tmp_path):
 # ---- tokenizer spec beside model files -----------------------------------------------------------
 
 def test_tokenizer_spec_round_trip(tmp_path):
-    from tokenizers import Tokenizer, models as tok_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
 
     write_tokenizer_spec(tmp_path / "a", "gpt2")
     assert read_tokenizer_spec(tmp_path / "a") == "gpt2"
@@ -222,7 +222,7 @@ def test_tokenizer_spec_round_trip(tmp_path):
 
 
 def test_openai_gpt2_tokenizer_files_are_recognised(tmp_path):
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
 
     get_tokenizer("gpt2").save_hf(tmp_path, 1024)  # vocab.json + merges.txt, as in OpenAI's gpt2 on the hub
     assert guess_tokenizer_spec(tmp_path) == "gpt2"
@@ -234,7 +234,8 @@ MAKE_CHECKPOINT = r"""
 import dataclasses, sys
 import torch
 import models
-from trainer import checkpoint, engine
+from trainer import checkpoint
+from trainer.engine import build as engine
 out, stage = sys.argv[1], int(sys.argv[2])
 engine.init_distributed()
 torch.manual_seed(0)
@@ -342,7 +343,7 @@ def test_data_parallel_eval_equals_one_rank(files, tmp_path):
 
 
 def test_init_from_copies_weights_across_vocab_padding(files):
-    from trainer.modelio import load_weights_into
+    from trainer.eval.modelio import load_weights_into
 
     target = models.GPT(models.get_config("tiny", vocab_size=257, padded_vocab_size=320))
     load_weights_into(target, files["hf"])  # the HF export has 257 rows, this model 320

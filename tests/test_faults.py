@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, run_cli, shm_buffers, start_cli, training_records
+
 from trainer import checkpoint
 from trainer.errors import UserError
 
@@ -140,8 +140,8 @@ def test_kill9_process_group_then_resume_is_bitwise(data, reference, tmp_path, w
 @pytest.mark.extended
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(data, tmp_path):
     """torch's JIT build lock (a `lock` file beside a DeepSpeed op such as ZeRO-Offload's CPU Adam, taken at every
-    load) left by a process killed at that moment made every later run wait forever inside deepspeed.initialize
-    (a random timeline found it). A run now takes such a leftover lock over and removes it."""
+    load) left by a process killed at that moment would make every later run wait forever inside
+    deepspeed.initialize with torch's own lock. A run takes such a leftover lock over and removes it."""
     from torch.utils.cpp_extension import _get_build_directory
 
     args = ["pretrain", *TINY_ARGS, "--data", str(data), "--max-steps", "1", "--save-every", "0", "--no-tracking",

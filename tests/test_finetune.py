@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import run_cli, training_records
 
 import models
-from helpers import run_cli, training_records
 from trainer.cli import cli
 
 STEPS = 12
@@ -48,7 +48,7 @@ def sft_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_base(tmp_path_factory):
     """A Hugging Face GPT-2 directory (model + tokenizer files), what `--init-from gpt2` would be at tiny size."""
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
 
     out = tmp_path_factory.mktemp("base") / "gpt2-tiny"
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def test_first_step_loss_is_the_mean_over_every_trained_target_of_the_global_bat
     the mean over all of them, as one forward over the whole batch computes it."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.loss import IGNORE_INDEX
+    from models.loss import IGNORE_INDEX
     from trainer.sft import store
     from trainer.sft.stream import SFTTrainStream
 
@@ -161,6 +161,7 @@ def test_the_finetuned_export_answers_training_prompts_better_and_chats_in_a_pip
     assert result.exit_code == 0 and json.loads(result.stdout.strip().splitlines()[-1])["samples"][0] == ours
 
 
+@pytest.mark.extended
 def test_a_paused_run_resumes_bitwise_from_its_own_examples(run, gpt2_base, sft_files, tmp_path):
     """The run as a pause at step 6 would have left it; rerunning the command reads its examples back from
     RUN/sft (no tokenizing) and continues with the uninterrupted run's loss, lr, grad norm and counts."""
@@ -184,7 +185,7 @@ def test_a_paused_run_resumes_bitwise_from_its_own_examples(run, gpt2_base, sft_
 @pytest.fixture(scope="module")
 def bytes_base(tmp_path_factory):
     """A consolidated byte-level model (block 128) that records its tokenizer, and one that records none."""
-    from trainer.modelio import write_tokenizer_spec
+    from trainer.eval.modelio import write_tokenizer_spec
 
     root = tmp_path_factory.mktemp("bytes")
     torch.manual_seed(0)
@@ -207,11 +208,11 @@ def _jsonl(where: Path, name: str, records: list) -> str:
 
 def _gpt2_examples(where: Path, sft_files) -> str:
     """A directory of examples tokenized with GPT-2's tokenizer (as a run's RUN/sft)."""
+    from trainer.data.tokenizer import get_tokenizer
     from trainer.sft import store
     from trainer.sft.examples import build
     from trainer.sft.records import read_conversations
     from trainer.sft.template import BUILTIN
-    from trainer.tokenizer import get_tokenizer
 
     _, conversations = read_conversations(sft_files["chat"])
     train, val, stats = build(conversations, BUILTIN["plain"], get_tokenizer("gpt2"), 128, 0.1)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainer.cli import cli
-from trainer.data import HEADER_BYTES, MAGIC, Dataset, read_shard
+from trainer.data.shards import HEADER_BYTES, MAGIC, Dataset, read_shard
 from trainer.errors import UserError
 
 _text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=12)
@@ -40,7 +40,7 @@ OPTIONS = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
     convert("pydoc", "bytes", out, shard_tokens=200_000, val_tokens=20_000, workers=1, progress=False)
@@ -54,7 +54,7 @@ class _ReachedEngine(Exception):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(sorted(OPTIONS)).flatmap(lambda o: st.tuples(st.just(o), OPTIONS[o])), max_size=6))
 def test_pretrain_option_parser_never_crashes(dataset, tmp_path, monkeypatch, pairs):
-    from trainer import engine
+    from trainer.engine import build as engine
 
     def trap(*args, **kwargs):
         raise _ReachedEngine

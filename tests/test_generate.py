@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import random_model
 
 import models
 from trainer.cli import cli
-from trainer.generate import filter_logits, generate_ids, sample
-from trainer.modelio import write_tokenizer_spec
-from trainer.tokenizer import get_tokenizer
-
-from helpers import random_model
+from trainer.data.tokenizer import get_tokenizer
+from trainer.eval.generate import filter_logits, generate_ids, sample
+from trainer.eval.modelio import write_tokenizer_spec
 
 GPT25 = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False)
 
@@ -101,7 +100,7 @@ def test_cli_json_and_streaming(model_dir):
 def test_stdout_carries_only_the_result(tmp_path):
     """DeepSpeed logs its accelerator choice on stdout when first imported, which loading a training
     checkpoint does; stdout must still be the result alone, so `generate ... > out.txt` and `--json | jq` work."""
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     convert("pydoc", "bytes", tmp_path / "data", shard_tokens=100_000, val_tokens=10_000, workers=1, progress=False)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from trainer.cli import cli
-from tools.pydoc_tasks import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
-
 from helpers import launch_env, run_cli, single_process_env
+
+from tools.pydoc_tasks import pydoc_texts, write_choice_task, write_generate_task, write_rolling_task
+from trainer.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["pydoc_choice", "pydoc_rolling", "pydoc_generate"]
@@ -87,9 +86,9 @@ def test_every_request_matches_lm_eval_hf(run, lm_eval_hf):
     the generated texts (the trained byte model does produce text, and stops at the newline)."""
     import lm_eval
 
-    from trainer.harness_lm import HarnessLM
-    from trainer.modelio import load_model
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.eval.harness_lm import HarnessLM
+    from trainer.eval.modelio import load_model
 
     model, spec, _ = load_model(run["run"])
     with single_process_env():

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import random_model
 
 import models
 from trainer.cli import cli
+from trainer.data.tokenizer import get_tokenizer
 from trainer.errors import UserError
-from trainer.evaluate import hellaswag, hellaswag_rows, read_hellaswag, run_hellaswag, score_example
-from trainer.modelio import write_tokenizer_spec
-from trainer.tokenizer import get_tokenizer
-
-from helpers import random_model
+from trainer.config import HellaSwagConfig
+from trainer.eval.evaluate import hellaswag, hellaswag_rows, read_hellaswag, run_hellaswag, score_example
+from trainer.eval.modelio import write_tokenizer_spec
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hellaswag_tiny.jsonl"
 
@@ -50,7 +50,7 @@ def test_scores_equal_a_hand_computation(model_dir):
         assert means == pytest.approx([h[1] for h in hand], rel=1e-5)
         correct += min(range(4), key=lambda i: hand[i][0]) == ex.label
         correct_norm += min(range(4), key=lambda i: hand[i][1]) == ex.label
-    result = run_hellaswag(str(model_dir), str(FIXTURE), progress=False)
+    result = run_hellaswag(HellaSwagConfig(model_path=str(model_dir), jsonl=str(FIXTURE), progress=False))
     assert result == {**result, "n": 5, "acc": correct / 5, "acc_norm": correct_norm / 5}
 
 

@@ -1,8 +1,8 @@
 """Our models and Hugging Face's agree: same logits both ways through the real converters."""
+import helpers
 import pytest
 import torch
 
-import helpers
 from models import GPT, get_config, hf
 
 GPT25 = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False)

@@ -1,4 +1,4 @@
-"""trainer/hostmem.py: on glibc, large tensors freed by a training step are kept for the next one
+"""trainer/train/hostmem.py: on glibc, large tensors freed by a training step are kept for the next one
 instead of going back to the kernel (which made every CPU step page-fault its logits afresh)."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 PROBE = textwrap.dedent("""
     import ctypes, os, sys
     import torch
-    from trainer import hostmem
+    from trainer.train import hostmem
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in
@@ -56,6 +56,6 @@ def test_default_malloc_maps_large_tensors_and_the_opt_out_keeps_it():
 def test_a_gpu_device_leaves_malloc_alone():
     import torch
 
-    from trainer import hostmem
+    from trainer.train import hostmem
 
     assert hostmem.keep_freed_memory(torch.device("cuda", 0)) is False

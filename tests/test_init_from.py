@@ -1,7 +1,7 @@
 """`pretrain --init-from`: start from a consolidated model or an HF GPT-2 / Llama-shaped checkpoint.
 
 The run builds its model from the preset, `--set` overrides and the dataset's vocabulary (padded
-to a multiple of 64), then copies the weights in (trainer.modelio.load_weights_into). Checked: the
+to a multiple of 64), then copies the weights in (trainer.eval.modelio.load_weights_into). Checked: the
 copied model reproduces the source's logits at step 0, in process for every source kind and end
 to end through the CLI (first logged loss = the source's loss on the first batch; a run whose only
 update is negligible saves a checkpoint with exactly the source's logits); a different
@@ -10,16 +10,15 @@ architecture is refused with the differing field named.
 
 import pytest
 import torch
+from helpers import drive, metrics
 
 import models
+from models.loss import cross_entropy as lm_loss
 from trainer.config import TrainConfig
-from trainer.data import Dataset, TrainStream
+from trainer.data.shards import Dataset, TrainStream
 from trainer.errors import UserError
-from trainer.loss import lm_loss
-from trainer.modelio import load_model, load_weights_into
-from trainer.pretrain import build_model_config
-
-from helpers import drive, metrics
+from trainer.eval.modelio import load_model, load_weights_into
+from trainer.train.pretrain import build_model_config
 
 SMALL = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--global-batch", "8", "--ds-config",
          "zero2_fp32", "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--seed", "3"]

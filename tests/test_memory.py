@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from models import get_config
-from trainer import dist, ds_config, memory
+from trainer import dist, memory
 from trainer.cli import cli
+from trainer.engine import ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 2 ** 30

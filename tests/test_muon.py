@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import curve, drive, equal_state, poisoned, run_cli, same, step_records, warmup_cosine
 
 import models
-from helpers import curve, drive, equal_state, poisoned, run_cli, same, step_records, warmup_cosine
-from trainer.ds_config import build_ds_config, load_ds_config
+from trainer.engine.ds_config import build_ds_config, load_ds_config
 from trainer.errors import UserError
-from trainer.optim import MUON, param_groups
+from trainer.train.optim import MUON, param_groups
 
 ARGS = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "4", "--global-batch", "8", "--lr", "3e-3",
         "--min-lr", "3e-4", "--warmup-steps", "2", "--eval-every", "0", "--log-every", "1", "--seed", "7",
@@ -104,29 +104,46 @@ def ref2(data, tmp_path_factory):
     return run
 
 
+def in_one_process(runs: list, tmp: Path) -> dict:
+    """Run the 1-rank `runs` (name, args) in one process: {name: run dir}, plus "errors": {name: error or None}."""
+    results = drive([{"name": name, "pretrain": args} for name, args in runs], tmp)
+    return {"errors": {name: results[name].get("error") for name, _ in runs}, **{name: tmp / name for name, _ in runs}}
+
+
 @pytest.fixture(scope="module")
-def session(data, ref2, tmp_path_factory):
-    """Every 1-rank run, in one process: {name: run dir}, plus "errors": {name: the error line or None}."""
+def session(data, tmp_path_factory):
+    """The fast suite's 1-rank runs: the oracle runs of each ZeRO stage, a ZeRO-0 reference and its resume, a
+    refused clip."""
     tmp = tmp_path_factory.mktemp("session")
     runs = oracle_jobs(data, tmp, [name for name in ORACLE_STAGES if name not in BUILDS_AN_OP])
     bf16 = [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero0_muon_bf16"]
     runs += [("z0_ref", [*bf16, "--out", str(tmp / "z0_ref")]),
              ("z0_resumed", [*bf16, "--out", str(tmp / "z0_resumed"),
                              "--resume", str(tmp / "z0_ref" / "checkpoints" / f"step_{PAUSE:07d}")]),
-             ("z0_new_muon_lr", [*bf16, "--out", str(tmp / "z0_new_muon_lr"), "--muon-lr", "0.01",
-                                 "--resume", str(tmp / "z0_ref" / "checkpoints" / f"step_{PAUSE:07d}")]),
-             ("universal", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero1_muon_bf16", "--grad-clip", "0",
-                            "--out", str(tmp / "universal"),
-                            "--resume", str(ref2 / "checkpoints" / f"step_{PAUSE:07d}")]),
              ("clip_refused", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero2_muon_bf16",
                                "--grad-clip", "1.0", "--out", str(tmp / "clip_refused")])]
+    return in_one_process(runs, tmp)
+
+
+@pytest.fixture(scope="module")
+def more(data, ref2, session, tmp_path_factory):
+    """The extended suite's 1-rank runs: a changed Muon lr on resume, a universal resume of the 2-rank run, and
+    a poisoned step under ZeRO-0 and ZeRO-2."""
+    tmp = tmp_path_factory.mktemp("more")
+    runs = [("z0_new_muon_lr", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero0_muon_bf16", "--out",
+                                str(tmp / "z0_new_muon_lr"), "--muon-lr", "0.01",
+                                "--resume", str(session["z0_ref"] / "checkpoints" / f"step_{PAUSE:07d}")]),
+            ("universal", [*ARGS, *RESUME, "--data", str(data), "--ds-config", "zero1_muon_bf16", "--grad-clip", "0",
+                           "--out", str(tmp / "universal"),
+                           "--resume", str(ref2 / "checkpoints" / f"step_{PAUSE:07d}")])]
     nan_data, nan_model = poisoned(data, tmp / "nan", steps=[3])
     for name, ds, clip in (("nan_z0", "zero0_muon_bf16", "1.0"), ("nan_z2", "zero2_muon_bf16", "0")):
         runs.append((name, [*ARGS, "--max-steps", "5", "--save-every", "1", "--data", str(nan_data), "--init-from",
                             str(nan_model), "--set", "tie_embeddings=false", "--ds-config", ds, "--grad-clip", clip,
                             "--out", str(tmp / name)]))
-    results = drive([{"name": name, "pretrain": args} for name, args in runs], tmp)
-    return {"errors": {name: results[name].get("error") for name, _ in runs}, **{name: tmp / name for name, _ in runs}}
+    result = in_one_process(runs, tmp)
+    assert all(error is None for error in result["errors"].values()), result["errors"]
+    return result
 
 
 def weights(run: Path, step: int) -> dict:
@@ -151,7 +168,7 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 def plain_muon_run(data, steps: int, clip: float, lr=3e-3, muon_lr=0.02, wd=0.1, muon_wd=0.05, momentum=0.95):
     """(per-step losses, final state dict) of the ORACLE run, in plain PyTorch and fp32."""
-    from trainer.data import Dataset, TrainStream
+    from trainer.data.shards import Dataset, TrainStream
 
     dataset = Dataset.open(data)
     torch.manual_seed(7)
@@ -234,16 +251,17 @@ def test_zero0_pause_and_resume_is_bitwise(session):
     assert equal_state(weights(resumed, 9), weights(ref, 9))
 
 
-def test_both_rates_follow_one_schedule_and_a_changed_muon_lr_applies_on_resume(session):
-    """lr and muon_lr are the same warmup + cosine (written out here, not taken from trainer/optim.py), scaled
+@pytest.mark.extended
+def test_both_rates_follow_one_schedule_and_a_changed_muon_lr_applies_on_resume(session, more):
+    """lr and muon_lr are the same warmup + cosine (written out here, not taken from trainer/train/optim.py), scaled
     to --lr and --muon-lr; resuming with another --muon-lr changes Muon's rate from the next step on."""
     def rate(step, peak):  # linear warmup over 2 steps, then cosine to a tenth of the peak at step 9
         return warmup_cosine(step, peak, peak / 10, total=9)
 
     assert curve(session["z0_ref"], "lr") == pytest.approx([rate(s, 3e-3) for s in range(9)])
     assert curve(session["z0_ref"], "muon_lr") == pytest.approx([rate(s, 0.02) for s in range(9)])
-    assert curve(session["z0_new_muon_lr"], "muon_lr") == pytest.approx([rate(s, 0.01) for s in range(PAUSE, 9)])
-    assert curve(session["z0_new_muon_lr"], "lr") == curve(session["z0_ref"], "lr")[PAUSE:]
+    assert curve(more["z0_new_muon_lr"], "muon_lr") == pytest.approx([rate(s, 0.01) for s in range(PAUSE, 9)])
+    assert curve(more["z0_new_muon_lr"], "lr") == curve(session["z0_ref"], "lr")[PAUSE:]
 
 
 def test_zero2_two_ranks_pause_and_resume_is_bitwise(data, ref2, tmp_path):
@@ -255,19 +273,21 @@ def test_zero2_two_ranks_pause_and_resume_is_bitwise(data, ref2, tmp_path):
     assert equal_state(weights(run, 9), weights(ref2, 9))
 
 
-def test_universal_resume_onto_zero1_one_rank_carries_weights_and_adamw(session, ref2):
+@pytest.mark.extended
+def test_universal_resume_onto_zero1_one_rank_carries_weights_and_adamw(more, ref2):
     """ZeRO-2 x 2 ranks -> ZeRO-1 x 1 rank. The first step after the load sees the checkpoint's weights and
     AdamW state (same loss); Muon's momentum restarts from zero (DeepSpeed's universal format has no place
     for it), so the next steps differ a little, no more than bf16 runs on other rank counts do."""
-    run = session["universal"]
+    run = more["universal"]
     assert curve(run, "lr") == curve(ref2, "lr")[PAUSE:]
     assert curve(run, "loss")[0] == pytest.approx(curve(ref2, "loss")[PAUSE], abs=1e-3)
     assert curve(run, "loss") == pytest.approx(curve(ref2, "loss")[PAUSE:], abs=2e-2)
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("name", ["nan_z0", "nan_z2"])
-def test_a_nonfinite_step_is_skipped_and_leaves_weights_and_momentum_alone(session, name):
-    run = session[name]
+def test_a_nonfinite_step_is_skipped_and_leaves_weights_and_momentum_alone(more, name):
+    run = more[name]
     steps = step_records(run)
     assert [r["skipped"] for r in steps] == [0, 0, 1, 1, 1] and all(math.isfinite(r["loss"]) for r in steps[3:])
     assert not math.isfinite(steps[2]["loss"])
@@ -311,7 +331,7 @@ def test_export_is_the_trained_model_and_loads_in_transformers(ref2, session, tm
     assert any(not torch.equal(written[k], module[k].float()) for k in written)  # and carry more than bf16
 
 
-# ---- Newton-Schulz batched over same-shape matrices (trainer/engine_muon.py) ---------------------------
+# ---- Newton-Schulz batched over same-shape matrices (trainer/engine/muon.py) ---------------------------
 
 def test_batched_updates_equal_deepspeeds_one_matrix_at_a_time(ns_method="standard", dtype=torch.bfloat16):
     """The batched path gives DeepSpeed's muon_update for every matrix: the same momentum and Nesterov blend
@@ -321,7 +341,7 @@ def test_batched_updates_equal_deepspeeds_one_matrix_at_a_time(ns_method="standa
     with DeepSpeed's fp32 gram iteration.)"""
     from deepspeed.runtime.zero.muon.original_muon import muon_update
 
-    from trainer.engine_muon import batched_muon_updates
+    from trainer.engine.muon import batched_muon_updates
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(32, 32)] * 4 + [(96, 32)] * 3 + [(32, 96)] * 2

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import TINY_ARGS, poisoned, run_cli, same, training_records, warmup_cosine
-from trainer import checkpoint, recovery
+
+from trainer import checkpoint
 from trainer.errors import UserError
-from trainer.state import TrainState
+from trainer.train import recovery
+from trainer.train.state import TrainState
 
 GLOBAL_BATCH, SEQ = 8, 64  # as in ARGS (TINY_ARGS: --seq-len 64) and helpers.poisoned's defaults
 ARGS = [*TINY_ARGS, "--global-batch", str(GLOBAL_BATCH), "--max-steps", "10", "--set", "tie_embeddings=false",

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.optim import lr_at, param_groups
+from trainer.train.optim import lr_at, param_groups
 
 KW = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, total_steps=110)
 

@@ -14,10 +14,10 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from helpers import drive, metrics, run_cli
+
 from trainer.config import parse_duration, resolve
-from trainer.ds_config import load_ds_config, uses_muon
+from trainer.engine.ds_config import load_ds_config, uses_muon
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -100,7 +100,7 @@ def test_every_recipe_has_a_config():
 @pytest.mark.parametrize("stem", sorted(RECIPES))
 def test_recipe_config_matches_the_published_recipe(stem):
     import models
-    from trainer.batching import plan_batches
+    from trainer.train.batching import plan_batches
 
     want = RECIPES[stem]
     cfg = resolve(str(CONFIGS / f"{stem}.yaml"), {})
@@ -124,7 +124,8 @@ def test_recipe_config_matches_the_published_recipe(stem):
 
 
 def test_medium_recipe_micro_batch_is_what_estimate_memory_recommends():
-    from trainer import ds_config, memory
+    from trainer import memory
+    from trainer.engine import ds_config
 
     cfg = resolve(str(CONFIGS / "gpt2-medium-fineweb-edu-2x24gb.yaml"), {})
     est = memory.estimate(cfg.model, ds_config.load_ds_config(cfg.ds_config), gpus=2, micro_batch=cfg.micro_batch,
@@ -157,7 +158,7 @@ def small_data(tmp_path_factory):
     """~40k byte tokens: an epoch is a handful of steps."""
     from pydoc_data.topics import topics
 
-    from trainer.convert import convert
+    from trainer.data.convert import convert
 
     root = tmp_path_factory.mktemp("small")
     docs, size = [], 0
@@ -221,6 +222,7 @@ def job(runs, name: str) -> dict:
     return entry
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("stem", sorted(RECIPES))
 def test_recipe_runs_end_to_end_at_tiny_size(runs, stem):
     import models
@@ -251,9 +253,10 @@ def test_recipe_runs_end_to_end_at_tiny_size(runs, stem):
     assert checkpoint.is_complete(run_dir / "checkpoints" / checkpoint.tag_for(3))
 
 
+@pytest.mark.extended
 def test_periodic_hellaswag_is_logged_like_val_loss(runs):
-    from trainer import evaluate, modelio
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.eval import evaluate, modelio
 
     entry = job(runs, "gpt2-fineweb-edu-10b")
     logged = [r for r in metrics(entry["result"]["run_dir"]) if "hellaswag_acc" in r]
@@ -265,6 +268,7 @@ def test_periodic_hellaswag_is_logged_like_val_loss(runs):
     assert (logged[-1]["hellaswag_acc"], logged[-1]["hellaswag_acc_norm"]) == (again["acc"], again["acc_norm"])
 
 
+@pytest.mark.extended
 def test_epochs_resolve_to_steps_from_the_token_count(runs, small_data):
     entry = job(runs, "epochs")
     meta = json.loads((small_data / "meta.json").read_text())
@@ -276,6 +280,7 @@ def test_epochs_resolve_to_steps_from_the_token_count(runs, small_data):
     assert [r["step"] for r in metrics(entry["result"]["run_dir"]) if "loss" in r] == list(range(1, steps + 1))
 
 
+@pytest.mark.extended
 def test_max_time_saves_and_stops_before_the_run_ends(runs):
     from trainer import checkpoint
 
@@ -291,12 +296,14 @@ def test_max_time_saves_and_stops_before_the_run_ends(runs):
     assert latest == checkpoint.tag_for(result["step"]) and checkpoint.is_complete(run_dir / "checkpoints" / latest)
 
 
+@pytest.mark.extended
 def test_no_tracking_turns_off_tensorboard_and_wandb(runs):
     run_dir = Path(job(runs, "no-tracking")["result"]["run_dir"])
     assert not (run_dir / "tb").exists() and not (run_dir / "wandb").exists()
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]  # metrics.jsonl stays: plot and resume read it
 
 
+@pytest.mark.extended
 def test_wandb_offline_logs_beside_tensorboard(runs):
     if not _wandb_installed():
         pytest.skip("wandb is not installed (pip install -e .[wandb])")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY_ARGS, curve, events, run_cli, step_records, warmup_cosine
 
 STEPS = 6
@@ -87,10 +86,11 @@ PROBE = textwrap.dedent('''
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     import models
-    from trainer import checkpoint, dist, engine as ds_engine
-    from trainer.ds_config import build_ds_config, load_ds_config
+    from trainer import checkpoint, dist
+    from trainer.engine import build as ds_engine
+    from trainer.engine.ds_config import build_ds_config, load_ds_config
     from trainer.config import TrainConfig
-    from trainer.optim import param_groups
+    from trainer.train.optim import param_groups
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     ckpt, ds_spec, out = Path(args[0]), args[1], args[2]
@@ -109,7 +109,7 @@ PROBE = textwrap.dedent('''
     # DeepSpeed links the per-parameter views of the Adam state lazily, at the first step; link them now.
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
-    dump = {"step": loaded["step"]}  # the LR is a function of the step (trainer/optim.py)
+    dump = {"step": loaded["step"]}  # the LR is a function of the step (trainer/train/optim.py)
     for name, p in engine.module.named_parameters():
         dump[name] = [safe_get_full_fp32_param(p).float()] + [
             safe_get_full_optimizer_state(p, k).float() for k in ("exp_avg", "exp_avg_sq")]

@@ -11,7 +11,6 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import REPO, TINY_ARGS, cli_command, launch_env, run_cli
 
 FILES = {"model": "mp_rank_00_model_states.pt", "optimizer": "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",

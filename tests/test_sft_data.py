@@ -15,13 +15,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from models.loss import IGNORE_INDEX
+from trainer.data.tokenizer import get_tokenizer
 from trainer.errors import UserError
-from trainer.loss import IGNORE_INDEX
 from trainer.sft.examples import Examples, build, encode, split_indices, truncate
 from trainer.sft.records import read_conversations
 from trainer.sft.stream import SFTTrainStream, SFTValStream
 from trainer.sft.template import BUILTIN, load_template
-from trainer.tokenizer import get_tokenizer
 
 
 def write_jsonl(path, records) -> str:
@@ -349,7 +349,7 @@ class Scripted(torch.nn.Module):
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_a_chat_reply_ends_at_the_end_marker_and_never_shows_it(name):
-    from trainer.generate import sample
+    from trainer.eval.generate import sample
 
     template, tokenizer = BUILTIN[name], get_tokenizer("bytes")
     prompt = template.prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])

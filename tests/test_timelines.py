@@ -1,6 +1,6 @@
 """Whole run timelines on one run directory (bench/timelines.py has the generator and the invariants).
 
-The extended suite (CI) runs one short seeded timeline and the rewind that once lost its own checkpoint;
+The extended suite (CI) runs one short seeded timeline and a rewind followed by a tighter --keep-last;
 `python bench/timelines.py --seeds 50` runs the long version.
 """
 import pytest
@@ -35,8 +35,8 @@ def test_more_random_timelines(data, reference, workdir, seed):
 @pytest.mark.extended
 def test_rewind_then_keep_last_keeps_the_new_checkpoint(data, workdir):
     """6 steps saved every 2 with --keep-last 2 (step_4, step_6), then a rewind to step_4 saving every step
-    with --keep-last 1: step_5 stays (it used to be deleted right after being written, `latest` named a
-    missing directory and --resume auto went back to the abandoned step_6)."""
+    with --keep-last 1: step_5 stays (pruning must never delete the checkpoint just written, or `latest` would
+    name a missing directory and --resume auto go back to the abandoned step_6)."""
     run_dir = workdir / "rewind"
     settings = timelines.Settings(keep_last=2, save_every=2)
     first = timelines.Timeline(data, {}, workdir, seed=0)

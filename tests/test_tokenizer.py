@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.data.tokenizer import ENDOFTEXT, get_tokenizer
 from trainer.errors import UserError
-from trainer.tokenizer import ENDOFTEXT, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "Hello, world! Ünïcödé and emoji 🚀\n\n  indented\tcode()"

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import REPO, run_cli
 
 import models
-from helpers import REPO, run_cli
 from tools import zero_to_fp32
 
 ARGS = ["--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0",
@@ -80,11 +80,12 @@ def test_byte_level_hf_export_generates_with_transformers_pipeline(run, tmp_path
     """The byte-tokenizer export carries a tokenizer transformers loads: the pipeline continues a prompt
     exactly as our greedy `generate` does, and config and tokenizer agree on bos/eos and the length."""
     from pydoc_data.topics import topics
+
     from transformers import AutoConfig, AutoTokenizer, pipeline
 
-    from trainer.generate import sample
-    from trainer.modelio import load_model
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.eval.generate import sample
+    from trainer.eval.modelio import load_model
 
     out = tmp_path / "hf"
     assert tool(run, out, "--hf").exit_code == 0

@@ -15,9 +15,9 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import click
 
-from trainer.convert import convert
-from trainer.sources import SPEC_HELP
-from trainer.tokenizer import SPEC_HELP as TOKENIZER_HELP
+from trainer.data.convert import convert
+from trainer.data.sources import SPEC_HELP
+from trainer.data.tokenizer import SPEC_HELP as TOKENIZER_HELP
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

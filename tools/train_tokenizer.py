@@ -14,9 +14,9 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import click
 
+from trainer.data.sources import SPEC_HELP, iter_documents
+from trainer.data.tokenizer import ENDOFTEXT, get_tokenizer
 from trainer.errors import UserError, describe
-from trainer.sources import SPEC_HELP, iter_documents
-from trainer.tokenizer import ENDOFTEXT, get_tokenizer
 
 
 def train_bpe(documents, vocab_size: int, out: Path) -> str:

@@ -27,7 +27,7 @@ import torch
 
 import models
 from trainer import checkpoint
-from trainer.cli import trust_option
+from trainer.options import trust_option
 from trainer.errors import UserError
 from trainer.sft.template import Template, write_template
 
@@ -93,7 +93,7 @@ def export(path, out_dir, tag: Optional[str] = None, hf: bool = False, log=print
 
 def _eot_id(spec: Optional[str], log) -> Optional[int]:
     """The end-of-text id of the run's tokenizer (the export's bos and eos), None when it cannot be built."""
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
 
     if not spec:
         return None
@@ -132,8 +132,8 @@ def _export_hf(model, out: Path, eot_id: Optional[int], log) -> dict:
 def _write_tokenizer(spec: str, out: Path, block_size: int, log, chat_template: Optional[str] = None) -> bool:
     """Tokenizer files HF loads (encoding as ours, model_max_length = the block size, the chat template), and
     the spec our own commands read."""
-    from trainer.modelio import write_tokenizer_spec
-    from trainer.tokenizer import get_tokenizer
+    from trainer.data.tokenizer import get_tokenizer
+    from trainer.eval.modelio import write_tokenizer_spec
 
     write_tokenizer_spec(out, spec)
     try:

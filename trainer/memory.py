@@ -7,24 +7,24 @@ Per GPU, the peak is the larger of two phases of a training step:
 
 plus a fixed CUDA context / NCCL allowance and an allocator-fragmentation margin. Every byte count
 below is a formula in the model config and the DeepSpeed JSON; where it departs from a published
-formula the comment says why and what measurement it rests on.
+formula the comment says why; tests/test_memory.py holds the formulas to what a live engine and the
+profiler measure (the figures are in docs/memory-and-performance.md).
 
 Model states (bytes per parameter P, N data-parallel ranks, bf16 or fp16 with DeepSpeed 0.19.8):
   ZeRO paper (Rajbhandari et al. 2020, sec. 3): 2 (16-bit params) + 2 (16-bit grads) + 12 (fp32
   master, Adam m, v) = 16 B/param; stage 1 divides the 12 by N, stage 2 also the grads, stage 3 all.
   DeepSpeed's `estimate_zero2_model_states_mem_needs` uses 2P + 16P/N on the GPU (it counts fp32 grads).
-  What DeepSpeed 0.19.8 really holds, measured on this machine by summing the tensors a live engine
-  keeps (bench/memory.py engine, tests/test_memory.py): exactly 2 + 2 + 4 + 8 at stage 0 and
+  What DeepSpeed 0.19.8 really holds, by the sum of the tensors a live engine keeps (bench/memory.py
+  engine, tests/test_memory.py): 2 + 2 + 4 + 8 at stage 0 and
   2 + (2 + 4 + 8)/N at stages 1 and 2: the 16-bit gradients are accumulated in the model dtype
   (`data_types.grad_accum_dtype` unset) and, with `contiguous_gradients`, stage 1 keeps only its
   gradient partition too. What the estimators leave out is transient:
   * reduce buckets: stages 1/2 allocate `reduce_bucket_size` elements of the gradient dtype, twice with
-    `overlap_comm`, for the whole backward pass, whatever the model size (0.75 GiB for our JSONs);
+    `overlap_comm`, for the whole backward pass, whatever the model size (2 x 2e8 elements in our JSONs);
   * the optimizer step: stage 0 makes fp32 copies of every gradient and a flat fp32 buffer of them
-    (+10 B/param at the peak, measured 9.98); stages 1/2 flatten their partition and convert it to
-    fp32 (+8 B/param / N, measured 7.98).
+    (+10 B/param at the peak); stages 1/2 flatten their partition and convert it to fp32 (+8 B/param / N).
   fp32 (no bf16/fp16 block): params 4, grads 4 (stage 0) or 4/N, Adam 8 at stage 0; stages 1/2 also
-  keep a redundant fp32 copy of the partition (4/N), measured 16 B/param steady at N=1.
+  keep a redundant fp32 copy of the partition (4/N).
 
 Activations (per micro-batch of b sequences of s tokens, hidden h, a heads, FFN width f, L layers,
 e = 2 bytes for bf16/fp16 activations, 4 for fp32): Korthikanti et al. 2022 ("Reducing Activation
@@ -40,7 +40,6 @@ dropout and materialised attention scores. Our model differs, and the formula fo
   Loss: the head computes the loss itself (models/loss.py) a chunk of 2**23 logits at a time, and keeps
   only dloss/dlogits, e*b*s*V_padded, plus fp32 per-token losses; its forward peaks with one chunk of
   logits and their fp32 copy on top, its backward with the head's fresh weight gradient (e*V_p*h).
-  (Before, the loss held the logits, their fp32 copy and the fp32 log-softmax: e + 12 bytes per logit.)
   Activation checkpointing (torch.utils.checkpoint per block) keeps each block's input (e*sbh per
   layer) and recomputes one block at a time in backward.
   Backward working memory, fitted to profiler peaks of our model on CPU: a layer's backward needs
@@ -49,8 +48,8 @@ dropout and materialised attention scores. Our model differs, and the formula fo
   with a tied head, the head's weight gradient, which autograd holds until the embedding's arrives.
 Checked against the CPU profiler's allocation peak for small GPT-2 and GPT-2.5 models, with and
 without checkpointing, and with the GPT-2 vocabulary (tests/test_memory.py, bench/memory.py
-activations): within 11% low to 5% high, 0.2% with the GPT-2 vocabulary. Not yet checked on a GPU,
-where cuBLAS workspaces and SDPA kernels may differ (bench/memory.py gpu does that check).
+activations). On a GPU, where cuBLAS workspaces and SDPA kernels may differ, bench/memory.py gpu
+(and bench/gpu_report.py) compares it with torch.cuda.max_memory_allocated.
 
 GB here is 2**30 bytes everywhere.
 """
@@ -94,7 +93,7 @@ class DSSetup:
 
     @classmethod
     def from_json(cls, config: dict) -> "DSSetup":
-        from trainer import ds_config
+        from trainer.engine import ds_config
 
         zero = config.get("zero_optimization", {}) or {}
         stage = ds_config.zero_stage(config)
@@ -122,7 +121,7 @@ class DSSetup:
 
 
 def model_config(preset: str, overrides: dict | None = None):
-    """The ModelConfig a run would build: padded vocabulary as trainer/pretrain.py pads it."""
+    """The ModelConfig a run would build: padded vocabulary as trainer/train/loop.py pads it."""
     import models
 
     overrides = dict(overrides or {})
@@ -163,12 +162,12 @@ def model_state_bytes(n_params: int, ds: DSSetup, n_gpus: int, largest_param: in
     out = {"params": 0.0, "grads": 0.0, "master": 0.0, "adam": 0.0, "step_temp": 0.0, "cpu": 0.0}
     if ds.stage == 0:
         out.update(params=e * P, grads=g * P, adam=8 * P, master=4 * P if mixed else 0)
-        # mixed: fp32 copy of each grad + their flat fp32 concatenation + 16-bit copy-back (measured 9.98 B/param);
-        # fp32: the flat fp32 gradient (measured 4.0).
+        # mixed: fp32 copy of each grad + their flat fp32 concatenation + 16-bit copy-back;
+        # fp32: the flat fp32 gradient.
         out["step_temp"] = (10 if mixed else 4) * P
         return out
     shard = P / N
-    # Stages 1-2 keep a master fp32 partition even in fp32 (a redundant copy; measured).
+    # Stages 1-2 keep a master fp32 partition even in fp32 (a redundant copy).
     out.update(params=e * (P if ds.stage < 3 else shard), grads=g * shard, master=4 * shard, adam=8 * shard,
                step_temp=8 * shard)
     if ds.stage == 3:
@@ -188,7 +187,7 @@ def model_state_bytes(n_params: int, ds: DSSetup, n_gpus: int, largest_param: in
 
 def bucket_bytes(ds: DSSetup, n_params: int) -> int:
     """Gradient reduce buckets alive during backward: full `reduce_bucket_size` elements each, whatever
-    the model size (stage_1_and_2.py setup_buckets; measured 800 MB for 2 x 2e8 bf16 elements).
+    the model size (stage_1_and_2.py setup_buckets).
     Stage 3 reduces through one bucket of at most the model's size."""
     if ds.stage in (1, 2):
         n = (2 if ds.overlap_comm else 1) if ds.contiguous_gradients else 0
@@ -357,7 +356,7 @@ def recommend(preset: str, gpus: int, gpu_memory_gb: float, seq_len: int = 1024,
     micro-batch with checkpointing but without offload or ZeRO-3 (both move far more bytes per step),
     else the largest micro-batch of anything. The micro-batch is the largest power of two that fits
     (at most 32)."""
-    from trainer import ds_config
+    from trainer.engine import ds_config
 
     options = []
     for name in CANDIDATES:
@@ -430,21 +429,21 @@ def format_table(est: Estimate) -> str:
     return "\n".join(out)
 
 
-def run(*, model: str, overrides: dict | None, ds_config: str, gpus: int, micro_batch: int, seq_len: int | None,
-        activation_checkpointing: bool, gpu_memory_gb: float, json_output: bool = False,
-        show_table: bool = False) -> dict:
-    """`estimate-memory`: predicted per-GPU memory of `model` under `ds_config` on `gpus` GPUs (or, with
-    `show_table`, the recommendation table); prints it and returns it as a dict (GB = 2**30 bytes)."""
-    from trainer.ds_config import load_ds_config, resolve_ds_config_path
+def run(cfg, json_output: bool = False) -> dict:
+    """`estimate-memory` (cfg: trainer.config.EstimateConfig): predicted per-GPU memory of the model under its
+    DeepSpeed config on `gpus` GPUs (or, with `table`, the recommendation table); prints it and returns it as a
+    dict (GB = 2**30 bytes)."""
+    from trainer.engine.ds_config import load_ds_config, resolve_ds_config_path
 
-    if show_table:
-        rows = table(seq_len or 1024)
-        print(json.dumps({"table": rows}) if json_output else table_markdown(rows, seq_len or 1024))
+    if cfg.table:
+        rows = table(cfg.seq_len or 1024)
+        print(json.dumps({"table": rows}) if json_output else table_markdown(rows, cfg.seq_len or 1024))
         return {"table": rows}
-    config = load_ds_config(ds_config)
-    name = resolve_ds_config_path(ds_config).stem
-    est = estimate(model, config, overrides=overrides, gpus=gpus, micro_batch=micro_batch, seq_len=seq_len,
-                   activation_checkpointing=activation_checkpointing, gpu_memory_gb=gpu_memory_gb, ds_name=name)
+    config = load_ds_config(cfg.ds_config)
+    name = resolve_ds_config_path(cfg.ds_config).stem
+    est = estimate(cfg.model, config, overrides=cfg.model_overrides, gpus=cfg.gpus, micro_batch=cfg.micro_batch,
+                   seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing,
+                   gpu_memory_gb=cfg.gpu_memory, ds_name=name)
     result = est.to_dict()
     print(json.dumps(result) if json_output else format_table(est))
     return result

@@ -61,8 +61,10 @@ def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
     return xs, ys
 
 
-def run(run_dirs, out, x: str = "step", json_output: bool = False) -> dict:
-    """Draw the curves of `run_dirs` into the image `out`; returns {out, runs, panels: {metric: [run names]}}."""
+def run(cfg, json_output: bool = False) -> dict:
+    """`plot` (cfg: trainer.config.PlotConfig): draw the curves of the run dirs `cfg.runs` into the image
+    `cfg.out`; returns {out, runs, panels: {metric: [run names]}}."""
+    run_dirs, out, x = cfg.runs, cfg.out, cfg.x
     if not run_dirs:
         raise UserError("give at least one run directory")
     if x not in X_AXES:

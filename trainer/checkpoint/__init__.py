@@ -9,23 +9,43 @@
 
 Layout on disk: RUN/checkpoints/step_NNNNNNN/ (DeepSpeed's files, rng/rank_R.pt, COMPLETE written
 last), RUN/checkpoints/latest, RUN/checkpoints/abandoned/ (see store.py). DeepSpeed is imported in
-this package and in trainer/engine.py only.
+this package and in trainer/engine/build.py only.
 """
 import time
 from pathlib import Path
 from typing import Optional
 
 from trainer import dist
-from trainer.checkpoint.consolidate import (architecture_differences, check_model, client_state,
-                                            consolidated_state_dict)
+from trainer.checkpoint.consolidate import architecture_differences, check_model, client_state, consolidated_state_dict
 from trainer.checkpoint.engine_io import load, save
 from trainer.checkpoint.integrity import check_shards, damage
-from trainer.checkpoint.layout import (config_layout, convert_to_universal, engine_layout, needs_conversion,
-                                       prepare_resume, saved_layout)
+from trainer.checkpoint.layout import (
+    config_layout,
+    convert_to_universal,
+    engine_layout,
+    needs_conversion,
+    prepare_resume,
+    saved_layout,
+)
 from trainer.checkpoint.resolve import find_resume, newest_sound, resolve_checkpoint
-from trainer.checkpoint.store import (ABANDONED, LATEST, MARKER, UNIVERSAL, checkpoints_dir, complete_checkpoints,
-                                      finish_rewind, is_complete, model_states_file, read_latest, read_marker,
-                                      set_aside_newer, set_latest, step_dirs, step_of, tag_for)
+from trainer.checkpoint.store import (
+    ABANDONED,
+    LATEST,
+    MARKER,
+    UNIVERSAL,
+    checkpoints_dir,
+    complete_checkpoints,
+    finish_rewind,
+    is_complete,
+    model_states_file,
+    read_latest,
+    read_marker,
+    set_aside_newer,
+    set_latest,
+    step_dirs,
+    step_of,
+    tag_for,
+)
 from trainer.errors import UserError
 
 __all__ = ["Checkpointer", "ABANDONED", "LATEST", "MARKER", "UNIVERSAL", "architecture_differences", "check_model",

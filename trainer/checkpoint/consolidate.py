@@ -13,15 +13,10 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint import safe_load
+from trainer.checkpoint import contents, safe_load
 from trainer.checkpoint.store import model_states_file, read_marker
 from trainer.errors import UserError
 
-# Keys DeepSpeed itself writes into the model-states file; everything else there is our client_state.
-_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
-                   "global_steps", "global_samples", "dp_world_size", "mp_world_size",
-                   "checkpoint_parallel_dimensions", "ds_config", "ds_version", "sparse_tensor_module_names"}
 # ModelConfig fields that are training settings or initialisation, not architecture: they may differ between a
 # checkpoint and the model it is loaded into.
 NOT_ARCHITECTURE = ("dropout", "zero_init_proj")
@@ -68,17 +63,17 @@ def _model_states(ckpt: Path) -> dict:
 
 def client_state(ckpt) -> dict:
     """What the trainer stored with the checkpoint: step, tokens, cursor, configs, tokenizer."""
-    return {k: v for k, v in _model_states(Path(ckpt)).items() if k not in _DEEPSPEED_KEYS}
+    return contents.of_model_states(_model_states(Path(ckpt)))
 
 
 def consolidated_state_dict(ckpt) -> tuple[dict, dict]:
     """(full fp32 state dict, client_state) of one DeepSpeed checkpoint dir, any ZeRO stage and rank count."""
     ckpt = Path(ckpt)
     states = _model_states(ckpt)
-    client = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
+    client = contents.of_model_states(states)
     if any(ckpt.glob("*optim_states.pt")):
         safe_load.check_checkpoint(ckpt)  # DeepSpeed's zero_to_fp32 unpickles without restriction
-        from trainer.engine import import_deepspeed
+        from trainer.engine.build import import_deepspeed
 
         import_deepspeed()  # first import with its logger on stderr: stdout carries results
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -105,14 +100,14 @@ def _zero0_fp32_master(states: dict, client: dict) -> Optional[dict]:
     """ZeRO-0 bf16/fp16 keeps the fp32 master weights in the optimizer state, not in the 16-bit module
     weights: one flat tensor per param group (FP16_Optimizer, DeepSpeed's wrapper around its fused Adam)
     or one tensor per parameter (FP16_UnfusedOptimizer, its wrapper around Muon), in the order of
-    trainer.optim.param_groups, which built those groups. None if that does not fit."""
+    trainer.train.optim.param_groups, which built those groups. None if that does not fit."""
     optimizer = states.get("optimizer") or {}
     flats, per_param = optimizer.get("fp32_groups_flat"), optimizer.get("fp32_groups")
     if not (flats or per_param) or "model_config" not in client:
         return None
     import models
-    from trainer.ds_config import uses_muon
-    from trainer.optim import param_groups
+    from trainer.engine.ds_config import uses_muon
+    from trainer.train.optim import param_groups
 
     with torch.device("meta"):
         model = models.GPT(models.ModelConfig.from_dict(client["model_config"]))

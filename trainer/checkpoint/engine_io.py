@@ -6,35 +6,18 @@ checkpoints. A load restores weights, optimizer and RNG, and puts DeepSpeed's CP
 state an uninterrupted process would have (see `_replay_cpu_adam_steps`), so a resumed run
 continues bitwise.
 """
-import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from trainer import dist
-from trainer.checkpoint import safe_load, zero_scripts
+from trainer.checkpoint import contents, safe_load, zero_scripts
 from trainer.checkpoint.layout import engine_layout
-from trainer.checkpoint.store import (checkpoints_dir, complete_checkpoints, prune, set_latest, tag_for,
-                                      write_marker)
+from trainer.checkpoint.store import checkpoints_dir, complete_checkpoints, prune, set_latest, tag_for, write_marker
 from trainer.errors import UserError, describe
 
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(engine, run_dir, step: int, client_state: dict, keep_last: int = 0) -> Path:
@@ -65,14 +48,11 @@ def _write(engine, run_dir, step: int, client_state: dict, keep_last: int) -> Pa
     dist.barrier()
     _report_write_errors(engine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rng_dir = ckpt / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_dir / f"rank_{dist.rank()}.pt")
+    contents.save_rng(ckpt, dist.rank())
     dist.barrier()
     if dist.is_main():
         marker = {"step": step, **engine_layout(engine),
-                  **{k: client_state[k] for k in ("global_batch", "seq_len", "tokens", "cursor", "model_config")
-                     if k in client_state},
+                  **contents.marker_fields(client_state),
                   "files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())}
         write_marker(ckpt, marker)
         set_latest(run_dir, tag)
@@ -128,9 +108,9 @@ def load(engine, ckpt, load_path: Optional[Path] = None) -> dict:
                         "config and rank count it was saved under") from e
     if client_state is None:
         raise UserError(f"could not load checkpoint {ckpt}: DeepSpeed found no model states in it")
-    rng_file = ckpt / "rng" / f"rank_{dist.rank()}.pt"
+    rng_file = contents.rng_file(ckpt, dist.rank())
     if rng_file.is_file():
-        set_rng_state(safe_load.load(rng_file))
+        contents.set_rng_state(safe_load.load(rng_file))
     else:
         print(f"note: {ckpt} holds no RNG state for rank {dist.rank()} (saved on fewer ranks); "
               "this rank keeps its fresh seed", flush=True)

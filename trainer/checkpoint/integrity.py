@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from trainer.checkpoint import safe_load
+from trainer.checkpoint import contents, safe_load
 from trainer.checkpoint.store import MARKER, is_complete, model_states_file, read_marker
 from trainer.errors import UserError
 
@@ -71,7 +71,7 @@ def check_shards(ckpt) -> dict:
         raise UserError(f"checkpoint {ckpt} is incomplete: it was saved by {expected} ranks, so it needs {expected} "
                         f"optimizer shard files (*optim_states.pt), but only {len(shards)} are there; the save was "
                         "interrupted. Use an earlier checkpoint")
-    if (ckpt / "rng").is_dir():  # one of ours without its marker: DeepSpeed may still have been writing
+    if (ckpt / contents.RNG_DIR).is_dir():  # one of ours without its marker: DeepSpeed may still have been writing
         raise UserError(f"checkpoint {ckpt} is incomplete: it has no {MARKER} marker (the save was interrupted); "
                         "use an earlier checkpoint")
     return {}

@@ -19,8 +19,8 @@ import torch
 
 from trainer import dist
 from trainer.checkpoint import muon_universal, safe_load
-from trainer.ds_config import offloads_optimizer, optimizer_type, precision, zero_stage
 from trainer.checkpoint.store import UNIVERSAL, is_complete, read_marker, write_marker
+from trainer.engine.ds_config import offloads_optimizer, optimizer_type, precision, zero_stage
 from trainer.errors import UserError, describe
 
 

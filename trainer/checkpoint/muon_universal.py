@@ -55,7 +55,7 @@ def drop_placeholders(universal: Path, model_config: dict) -> None:
     """Remove the placeholder moments of the Muon parameters from a converted universal checkpoint, so
     the loader gives Muon's group weights only (and Muon starts a fresh momentum)."""
     import models
-    from trainer.optim import muon_params
+    from trainer.train.optim import muon_params
 
     with torch.device("meta"):
         model = models.GPT(models.ModelConfig.from_dict(model_config))

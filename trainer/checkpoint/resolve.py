@@ -11,8 +11,17 @@ from typing import Optional
 
 from trainer import dist
 from trainer.checkpoint.integrity import damage
-from trainer.checkpoint.store import (LATEST, MARKER, UNIVERSAL, checkpoints_dir, complete_checkpoints,
-                                      is_complete, model_states_file, read_latest, tag_for)
+from trainer.checkpoint.store import (
+    LATEST,
+    MARKER,
+    UNIVERSAL,
+    checkpoints_dir,
+    complete_checkpoints,
+    is_complete,
+    model_states_file,
+    read_latest,
+    tag_for,
+)
 from trainer.errors import UserError
 
 

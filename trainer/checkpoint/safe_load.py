@@ -39,7 +39,7 @@ def _numpy_array_types() -> list:
 def _deepspeed_types() -> list:
     """The classes DeepSpeed itself pickles into its checkpoint files (ZeRO's stage enum and fragment
     addresses, the loss scalers of its fp16 and bf16 optimizers)."""
-    from trainer.engine import import_deepspeed
+    from trainer.engine.build import import_deepspeed
 
     import_deepspeed()  # its first import logs to stderr, not to the results on stdout
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

@@ -1,5 +1,5 @@
 """SFTData: tokenized instruction data as the data source of a training run (the interface
-trainer/data.py's Dataset gives pretraining: streams, what checkpoints record, a one-line description).
+trainer/data/shards.py's Dataset gives pretraining: streams, what checkpoints record, a one-line description).
 
 The examples were made once (trainer/sft/examples.py); `record_in` writes them into RUN/sft/ when the
 run starts for real, so a failed start writes nothing and a resumed run reads back exactly what its

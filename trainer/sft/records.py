@@ -56,8 +56,8 @@ def to_messages(record: dict, fmt: str, where: str) -> list[dict]:
 
 
 def read_conversations(spec: str, fmt: str = "auto") -> tuple[str, list[list[dict]]]:
-    """(the layout, every record's conversation) of a source spec (trainer.sources.iter_records)."""
-    from trainer.sources import iter_records
+    """(the layout, every record's conversation) of a source spec (trainer.data.sources.iter_records)."""
+    from trainer.data.sources import iter_records
 
     conversations = []
     for where, record in iter_records(spec):

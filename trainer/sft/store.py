@@ -40,7 +40,7 @@ def fingerprint(spec: str) -> Optional[str]:
     """sha256 over the names and bytes of a local source's files; None for hf: sources (not read twice)."""
     if spec.startswith("hf:"):
         return None
-    from trainer.sources import source_files
+    from trainer.data.sources import source_files
 
     digest = hashlib.sha256()
     for path in source_files(spec):

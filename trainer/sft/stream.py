@@ -10,7 +10,7 @@ x[j]; y[j] is scored only where that token is trained (trainer/sft/examples.py),
   padding            one example a row, padded.
 Padding is the end-of-text id and never scored.
 
-Order, as for pretraining windows (trainer/data.py): the rows are made once, a pure function of (seed,
+Order, as for pretraining windows (trainer/data/shards.py): the rows are made once, a pure function of (seed,
 examples, seq_len) (packing takes the examples in a seeded shuffled order), and sample i of the run is
 row perm_e[i mod n] of epoch e = i // n. A checkpoint's cursor is therefore all a resumed run needs, and
 any rank count sees the same global batches. `scored_targets(cursor)` counts the trained targets of a
@@ -19,9 +19,9 @@ whatever the split into micro-batches and ranks).
 """
 import numpy as np
 
-from trainer.data import epoch_order
+from models.loss import IGNORE_INDEX
+from trainer.data.shards import epoch_order
 from trainer.errors import UserError
-from trainer.loss import IGNORE_INDEX
 from trainer.sft.examples import Examples
 
 
@@ -64,7 +64,7 @@ class _Rows:
         return tokens, trained
 
     def batch(self, rows) -> tuple:
-        import torch  # here, as in trainer/data.py: only the loop needs torch
+        import torch  # here, as in trainer/data/shards.py: only the loop needs torch
 
         built = [self.row(r) for r in rows]
         tokens = np.stack([t for t, _ in built])

@@ -1,7 +1,7 @@
 """Non-finite steps: skip, then roll back past the bad data, then stop.
 
 DeepSpeed skips an update whose gradients are not finite, on every rank, and leaves weights and
-optimizer alone; the step still counts (and uses up its step of the LR schedule, trainer/optim.py).
+optimizer alone; the step still counts (and uses up its step of the LR schedule, trainer/train/optim.py).
 After `--max-skips` such steps in a row the run reloads the newest sound checkpoint at or before
 the current step and moves the data cursor past everything read since, the offending window
 included (PaLM's recipe for loss spikes: restart a little earlier and skip the batches around the
@@ -11,8 +11,9 @@ checkpoint stays intact.
 from pathlib import Path
 
 from trainer import dist
+from trainer.checkpoint import contents
 from trainer.errors import UserError
-from trainer.state import TrainState
+from trainer.train.state import TrainState
 
 ADVICE = "Lower --lr, raise --warmup-steps or check the data, then resume"
 
@@ -33,8 +34,7 @@ def roll_back(checkpointer, engine, state: TrainState, max_skips: int, max_rollb
                 f"{skips} non-finite steps in a row; skipping the data read since then, the offending batches "
                 f"included (samples {client.get('cursor', 0)} to {state.cursor - 1}), so step "
                 f"{int(client['step']) + 1} trains on sample {state.cursor} onwards")
-    state.step, state.tokens = int(client["step"]), int(client["tokens"])
-    state.trained_tokens = client.get("trained_tokens", state.trained_tokens)
+    contents.rolled_back(state, client)
     state.rollbacks += 1
     state.skips_in_a_row = 0
     return ckpt

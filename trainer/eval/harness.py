@@ -1,5 +1,5 @@
 """`eval-harness`: standard benchmarks (HellaSwag, LAMBADA, ARC, PIQA, WikiText, ...) through
-lm-evaluation-harness, with our model in process (trainer/harness_lm.py), on any --model-path.
+lm-evaluation-harness, with our model in process (trainer/eval/harness_lm.py), on any --model-path.
 
 This is how GPT-2 reproductions compare with OpenAI's weights and with each other (litgpt, gpt-neox
 and Megatron-DeepSpeed all run lm-evaluation-harness). lm-eval is an optional extra
@@ -13,30 +13,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from trainer import dist
+from trainer.config import HarnessConfig
 from trainer.errors import UserError, describe
 
 INSTALL_HINT = 'pip install -e ".[eval]" (or pip install "lm-eval[hf]>=0.4.13,<0.5")'
 
 
-@dataclass
-class HarnessConfig:
-    model_path: str
-    tasks: str
-    limit: Optional[int] = None
-    num_fewshot: Optional[int] = None
-    batch_size: int = 8
-    include_path: Optional[str] = None
-    max_gen_toks: int = 256
-    seed: int = 1234
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    tokenizer: Optional[str] = None
-    progress: bool = True
 
 
 def require_lm_eval():
@@ -87,9 +73,9 @@ def run(cfg: HarnessConfig, json_output: bool = False) -> dict:
     lm_eval = require_lm_eval()
     from lm_eval.utils import make_table
 
-    from trainer import modelio
-    from trainer.device import resolve_dtype, setup_device
-    from trainer.harness_lm import HarnessLM
+    from trainer.eval import modelio
+    from trainer.eval.device import resolve_dtype, setup_device
+    from trainer.eval.harness_lm import HarnessLM
 
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1")

@@ -13,34 +13,16 @@ training, and the sample ends at the template's end marker (or end-of-text), whi
 """
 import json
 import sys
-from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from trainer import dist
+from trainer.config import GenerateConfig
 from trainer.errors import UserError
 
 
-@dataclass
-class GenerateConfig:
-    model_path: str
-    prompt: str = ""
-    max_new_tokens: int = 200
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    num_samples: int = 1
-    seed: int = 1337
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    tokenizer: Optional[str] = None
-    use_cache: bool = True
-    stop_at_eot: bool = True
-    chat: bool = False
-    template: Optional[str] = None
-    system: Optional[str] = None
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -193,8 +175,8 @@ def chat_template(cfg: GenerateConfig, info: dict):
 def run(cfg: GenerateConfig, json_output: bool = False) -> dict:
     """`generate`: sample from the model at cfg.model_path; streams text, or prints {prompt, samples} with
     `json_output`. Returns that dict."""
-    from trainer import modelio
-    from trainer.device import resolve_dtype, setup_device
+    from trainer.eval import modelio
+    from trainer.eval.device import resolve_dtype, setup_device
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.max_new_tokens < 1:

@@ -67,7 +67,7 @@ def read_tokenizer_spec(directory) -> Optional[str]:
 
 
 def _gpt2_merges(path: Path) -> bool:
-    from trainer.tokenizer import GPT2_VOCAB_BPE_SHA256
+    from trainer.data.tokenizer import GPT2_VOCAB_BPE_SHA256
 
     return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == GPT2_VOCAB_BPE_SHA256
 
@@ -240,7 +240,7 @@ def _require_complete(ckpt: Path) -> None:
 def _checkpoint_config(client: dict, ckpt: Path) -> "models.ModelConfig":
     if "model_config" not in client:
         raise UserError(f"checkpoint {ckpt} has no model_config in its client_state; it was not written by "
-                        "trainer.pretrain, so its architecture is unknown")
+                        "trainer.train.loop, so its architecture is unknown")
     return models.ModelConfig.from_dict(client["model_config"])
 
 
@@ -294,7 +294,7 @@ def _hub_tokenizer_spec(name: str) -> Optional[str]:
 
 def require_tokenizer(spec: Optional[str], path):
     """The Tokenizer for a loaded model, or a clear error saying how to name one."""
-    from trainer.tokenizer import SPEC_HELP, get_tokenizer
+    from trainer.data.tokenizer import SPEC_HELP, get_tokenizer
 
     if not spec:
         raise UserError(f"no tokenizer is recorded for --model-path {path}; pass --tokenizer ({SPEC_HELP})")

@@ -1,16 +1,17 @@
-"""Pretraining: build a run (data, model, DeepSpeed engine, checkpoints, log), then the loop.
+"""The training loop shared by pretraining (trainer/train/pretrain.py) and fine-tuning
+(trainer/sft/finetune.py): build a run (data, model, DeepSpeed engine, checkpoints, log), then the loop.
 
-The same setup and loop run fine-tuning (trainer/finetune.py): a `Task` says where a run's data and
-model shape come from; everything else (engine, checkpoints, resume, recovery, stop policy, log) is
-shared. A data source (trainer/data.py's Dataset: token shards; trainer/sft/data.py: instruction data)
-makes the train and val streams and says what checkpoints record about it.
+A `Task` says where a run's data and model shape come from; everything else (engine, checkpoints,
+resume, recovery, stop policy, log) is shared. A data source (trainer/data/shards.py's Dataset: token
+shards; trainer/sft/data.py: instruction data) makes the train and val streams and says what
+checkpoints record about it.
 
 The loop (`train`) follows DeepSpeed's idiom for each micro-batch, `engine(x, y)` (the model's own
 loss, models/loss.py, the one eval-ppl scores), `engine.backward`, `engine.step`; DeepSpeed scales
 for accumulation and steps the optimizer on accumulation boundaries. After each optimizer step every
 component decides for itself whether the step is its turn: the log, the non-finite-step guard
-(trainer/recovery.py), validation, HellaSwag, the stop policy (trainer/stop.py) and the checkpointer
-(trainer/checkpoint/). The learning rate is set by the trainer before every step (trainer/optim.py).
+(trainer/train/recovery.py), validation, HellaSwag, the stop policy (trainer/train/stop.py) and the checkpointer
+(trainer/checkpoint/). The learning rate is set by the trainer before every step (trainer/train/optim.py).
 """
 import dataclasses
 import json
@@ -23,62 +24,48 @@ from typing import Callable, Optional
 import torch
 
 import models
-from trainer import determinism, dist, engine as ds_engine, hostmem, recovery
-from trainer.batching import BatchPlan, choose_micro_batch, plan_batches, total_steps
-from trainer.checkpoint import Checkpointer
+from trainer import dist
+from trainer.checkpoint import Checkpointer, contents
 from trainer.config import TrainConfig, save_yaml
-from trainer.data import Dataset, TrainStream, ValStream
-from trainer.ds_config import (build_ds_config, default_grad_clip, load_ds_config, muon_update_in_grad_norm,
-                               optimizer_implementation, resolve_ds_config_path, uses_muon)
+from trainer.data.prefetch import Batches, document_segments
+from trainer.data.shards import Dataset, TrainStream, ValStream
+from trainer.engine import build as ds_engine
+from trainer.engine.ds_config import (
+    build_ds_config,
+    default_grad_clip,
+    load_ds_config,
+    muon_update_in_grad_norm,
+    optimizer_implementation,
+    resolve_ds_config_path,
+    uses_muon,
+)
 from trainer.errors import UserError
-from trainer.metrics import peak_flops
-from trainer.prefetch import Batches, document_segments
-from trainer.optim import (apply_hyperparameters, group_names, hyperparameters_in_effect, lr_at, param_groups,
-                           set_lr)
-from trainer.runlog import RunLog
-from trainer.state import TrainState
-from trainer.stop import StopPolicy
-from trainer.validation import validation_loss
+from trainer.train import determinism, hostmem, recovery
+from trainer.train.batching import BatchPlan, choose_micro_batch, plan_batches, total_steps
+from trainer.train.metrics import peak_flops
+from trainer.train.optim import (
+    apply_hyperparameters,
+    group_names,
+    hyperparameters_in_effect,
+    lr_at,
+    param_groups,
+    set_lr,
+)
+from trainer.train.runlog import RunLog
+from trainer.train.state import TrainState
+from trainer.train.stop import StopPolicy
+from trainer.train.validation import validation_loss
 
-# Settings a resumed run may change; they take effect from the resume step (trainer/optim.py).
+# Settings a resumed run may change; they take effect from the resume step (trainer/train/optim.py).
 RESUMABLE_CHANGES = ("lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "beta1", "beta2", "eps",
                      "weight_decay", "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay", "doc_masking")
-
-
-def open_dataset(cfg: TrainConfig) -> Dataset:
-    if cfg.data is None:
-        from trainer.convert import ensure_demo_data
-
-        tokenizer = cfg.tokenizer or "bytes"
-        target = Path("data") / f"pydoc-{tokenizer.replace(':', '_').replace('/', '_')}"
-        if dist.is_main():
-            ensure_demo_data(target, tokenizer=tokenizer)
-        dist.barrier()
-        cfg.data = str(target)
-    elif cfg.tokenizer is not None:
-        raise UserError("--tokenizer is only for the built-in demo data; with --data the tokenizer recorded in "
-                        "the dataset's meta.json is used (convert your text with tools/convert_shards.py)")
-    return Dataset.open(cfg.data)
-
-
-def build_model_config(cfg: TrainConfig, dataset: Dataset) -> "models.ModelConfig":
-    overrides = dict(cfg.model_overrides)
-    if "vocab_size" in overrides and overrides["vocab_size"] != dataset.vocab_size:
-        raise UserError(f"--set vocab_size={overrides['vocab_size']} does not match the dataset's tokenizer "
-                        f"({dataset.tokenizer_spec}, vocab {dataset.vocab_size}); drop the override")
-    overrides["vocab_size"] = dataset.vocab_size
-    overrides.setdefault("padded_vocab_size", models.padded_vocab_size(dataset.vocab_size))
-    try:
-        return models.get_config(cfg.model, **overrides)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e))
 
 
 def build_model(cfg: TrainConfig, model_cfg: "models.ModelConfig") -> "models.GPT":
     torch.manual_seed(cfg.seed)
     model = models.GPT(model_cfg)
     if cfg.init_from:
-        from trainer.modelio import load_weights_into
+        from trainer.eval.modelio import load_weights_into
 
         load_weights_into(model, cfg.init_from)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -103,22 +90,22 @@ class Run:
     model_cfg: "models.ModelConfig"
     plan: BatchPlan
     stream: TrainStream
-    batches: Batches              # this rank's share of each global batch, read ahead on a GPU (trainer/prefetch.py)
+    batches: Batches              # this rank's share of each global batch, read ahead on a GPU (data/prefetch.py)
     val: ValStream
     total_steps: int
     engine: object
     groups: list                  # parameter group names, in the optimizer's order
-    muon: bool                    # DeepSpeed's Muon for the hidden matrices (trainer/optim.py), AdamW for the rest
+    muon: bool                    # DeepSpeed's Muon for the hidden matrices (train/optim.py), AdamW for the rest
     optimizer: str                # the implementation that runs, e.g. "torch.optim.AdamW (fused)"
     adam_flags: Optional[dict]    # torch AdamW's {"fused", "foreach"} (None: DeepSpeed's own Adam)
     muon_ns: Optional[str]        # the Muon group's Newton-Schulz method where the trainer picks it
     grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
-    compile_pending: bool         # torch.compile is set up and compiles at the next step (trainer/engine.py)
+    compile_pending: bool         # torch.compile is set up and compiles at the next step (trainer/engine/build.py)
     state: TrainState
     checkpointer: Checkpointer
     stop: StopPolicy
     log: Optional[RunLog] = None
-    hellaswag: object = None      # trainer.periodic.PeriodicHellaSwag, or None
+    hellaswag: object = None      # trainer.train.periodic.PeriodicHellaSwag, or None
     last_val: Optional[float] = None
 
     @property
@@ -148,23 +135,25 @@ class Run:
                               muon_ns=self.muon_ns)
 
     def client_state(self) -> dict:
-        """What every checkpoint carries besides DeepSpeed's own state: checkpoints describe themselves."""
-        return {**self.state.client_state(), "train_config": self.cfg.to_dict(),
-                "model_config": dataclasses.asdict(self.model_cfg), "tokenizer": self.dataset.tokenizer_spec,
-                "world_size": dist.world_size(), "zero_stage": self.engine.zero_optimization_stage(),
-                "global_batch": self.plan.global_batch, "seq_len": self.plan.seq_len,
-                "total_steps": self.total_steps, **self.dataset.client_state()}
+        """What every checkpoint carries besides DeepSpeed's own state (trainer/checkpoint/contents.py)."""
+        return contents.client_state(self.state, train_config=self.cfg, model_config=self.model_cfg,
+                                     tokenizer=self.dataset.tokenizer_spec, world_size=dist.world_size(),
+                                     zero_stage=self.engine.zero_optimization_stage(),
+                                     global_batch=self.plan.global_batch, seq_len=self.plan.seq_len,
+                                     total_steps=self.total_steps, data_state=self.dataset.client_state())
 
 
 def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     """Everything before the first step: process group, data, model, the checkpoint to resume (chosen before
     the engine, since another ZeRO setup builds the engine for a universal load), engine, state, timeline.
-    `task` says where data and model shape come from (pretraining shards by default; trainer/finetune.py).
+    `task` says where data and model shape come from (pretraining shards by default; trainer/sft/finetune.py).
 
     Every rank sets up from the same options and files, so a mistake found here is found by all of them
     alike: it is said once (UserError.every_rank), not once per rank."""
+    if task is None:
+        from trainer.train.pretrain import PRETRAIN as task
     try:
-        return _setup(cfg, task or PRETRAIN)
+        return _setup(cfg, task)
     except UserError as e:
         e.every_rank = True
         raise
@@ -213,7 +202,7 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
     state = TrainState()
     if checkpointer.resume_from is not None:
         client = checkpointer.load(engine)
-        state = TrainState.from_client_state(client)
+        state = contents.restore_train_state(client)
         dist.print0(f"resumed from {checkpointer.resume_from} at step {state.step} ({state.tokens:,} tokens seen)")
         _report_changes(client, cfg, steps, state.step, muon)
     checkpointer.start_timeline(state.step)
@@ -423,7 +412,7 @@ def run(cfg: TrainConfig, json_output: bool = False, task: Optional[Task] = None
     """
     r = setup(cfg, task)
     if cfg.hellaswag_every:
-        from trainer.periodic import PeriodicHellaSwag
+        from trainer.train.periodic import PeriodicHellaSwag
 
         r.hellaswag = PeriodicHellaSwag(cfg.hellaswag_jsonl, cfg.hellaswag_every, r.dataset.tokenizer_spec)
     r.log = start_log(r)
@@ -457,13 +446,3 @@ def _print_summary(result: dict, run_dir: Path, stop_reason: str, next_steps: li
     print("next:")
     for line in next_steps:
         print(f"  {line}")
-
-
-def _next_steps(run_dir: Path) -> list[str]:
-    return [f"python -m trainer.cli eval-ppl --model-path {run_dir}",
-            f"python -m trainer.cli generate --model-path {run_dir} --prompt 'The '",
-            f"python tools/zero_to_fp32.py {run_dir} {run_dir}/hf --hf",
-            f"tensorboard --logdir {run_dir}/tb"]
-
-
-PRETRAIN = Task("pretrain", open_data=open_dataset, model_config=build_model_config, next_steps=_next_steps)

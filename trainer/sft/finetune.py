@@ -6,7 +6,7 @@ PATH is anything --model-path takes (a run, a checkpoint, a consolidated or Hugg
 directory, a hub name): the run takes that model's architecture, weights and tokenizer. DATA is
 instruction data in a file or on the hub (trainer/sft/records.py), or a directory of tokenized examples
 such as another run's RUN/sft (trainer/sft/store.py). This module is only the `Task` that pretraining's
-setup and loop run (trainer/pretrain.py): where the data and the model's shape come from. The DeepSpeed
+setup and loop run (trainer/train/loop.py): where the data and the model's shape come from. The DeepSpeed
 engine, ZeRO stages, precision, activation checkpointing, checkpoints and exact resume, non-finite-step
 recovery, --max-time, metrics and TensorBoard, and tools/zero_to_fp32.py are pretraining's.
 
@@ -18,24 +18,25 @@ import dataclasses
 from pathlib import Path
 
 import models
-from trainer import dist, modelio
+from trainer import dist
 from trainer.config import FinetuneConfig
+from trainer.data.tokenizer import get_tokenizer
 from trainer.errors import UserError
-from trainer.pretrain import Task
+from trainer.eval import modelio
 from trainer.sft import store
 from trainer.sft.data import RUN_SUBDIR, SFTData
 from trainer.sft.records import FORMATS
 from trainer.sft.template import load_template
-from trainer.tokenizer import get_tokenizer
+from trainer.train.loop import Task
 
 PROBE = "Tokenizer probe: Ünïcödé, 1234, <tags>\n\tand code() {}"  # two tokenizers that encode it alike are one
 
 
 def run(cfg: FinetuneConfig, json_output: bool = False) -> dict:
-    from trainer import pretrain
+    from trainer.train import loop
 
     check(cfg)
-    return pretrain.run(cfg, json_output, task=FINETUNE)
+    return loop.run(cfg, json_output, task=FINETUNE)
 
 
 def check(cfg: FinetuneConfig) -> None:

@@ -49,7 +49,7 @@ def param_groups(model, weight_decay: float, muon: bool = False, muon_weight_dec
         {"params": decay, "weight_decay": weight_decay, "name": DECAY},
         {"params": no_decay, "weight_decay": 0.0, "name": NO_DECAY},
     ]
-    if muon:  # which half of DeepSpeed's Muon optimizer updates the group (trainer.engine tags the parameters)
+    if muon:  # which half of DeepSpeed's Muon optimizer updates the group (trainer.engine.build tags the parameters)
         for group in groups:
             group["use_muon"] = group["name"] == MUON
     return [g for g in groups if g["params"]]
@@ -104,7 +104,7 @@ def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: flo
     `adam_flags` ({"fused": ..., "foreach": ...}, for torch's AdamW) pick its implementation in each
     AdamW group: DeepSpeed's Muon builds its AdamW without them, and a checkpoint load brings back the
     flags of the machine that saved it (foreach on a CPU, fused on a GPU). `muon_ns` is the Muon group's
-    Newton-Schulz method where the trainer chooses it (trainer/ds_config.py)."""
+    Newton-Schulz method where the trainer chooses it (trainer/engine/ds_config.py)."""
     _check_groups(optimizer, names)
     for group, name in zip(optimizer.param_groups, names):
         if name == MUON:

@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def setup_device(device: Optional[str] = None) -> torch.device:
     """This rank's device: `device` if given, else its GPU, else the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from trainer import engine
+        from trainer.engine import build as engine
 
         engine.init_distributed()
     if device:

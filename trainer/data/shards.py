@@ -138,7 +138,7 @@ class Dataset:
                                 "the dataset is incomplete or mixed up, re-create it")
         return cls(path, meta, train, val)
 
-    # ---- the data-source interface the training loop uses (trainer/pretrain.py; fine-tuning: trainer/sft/data.py)
+    # ---- the data-source interface the training loop uses (trainer/train/loop.py; fine-tuning: trainer/sft/data.py)
 
     def train_stream(self, seq_len: int, global_batch: int, seed: int) -> "TrainStream":
         return TrainStream(self, seq_len, global_batch, seed)

@@ -35,9 +35,8 @@ def measure_matmul_tflops(dtype=torch.bfloat16, size: int = 1024, seconds: float
     """Best sustained matmul TFLOP/s of this process on CPU, with its current thread count.
 
     `torch.mm` in each operand layout and `F.linear` are timed and the fastest counts: on CPUs
-    without native bf16 they take different kernels (measured here in bf16: mm ~1 GFLOP/s with both
-    operands row-major, ~20-24 with one transposed, F.linear ~10-15), and the peak must be the best
-    this machine can do, or MFU would read above 100%.
+    without native bf16 they take different kernels, an order of magnitude apart in bf16, and the peak
+    must be the best this machine can do, or MFU would read above 100%.
     """
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)

@@ -34,7 +34,7 @@ def _versions() -> list[Check]:
     checks = [Check("python", "ok", platform.python_version()),
               Check("torch", "ok", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})")]
     try:
-        from trainer import engine
+        from trainer.engine import build as engine
 
         v = engine.versions()
         checks.append(Check("deepspeed", "ok", f"{v['deepspeed']}, accelerator {v['accelerator']}"))
@@ -120,18 +120,18 @@ def _bf16() -> Check:
             return Check("bf16", "ok", "the GPU supports bf16: use the *_bf16 configs")
         return Check("bf16", "warn", "this GPU has no bf16 (pre-Ampere)",
                      "use ds_configs/zero2_fp16.json (loss scaling) instead of the bf16 configs")
-    from trainer.ds_config import cpu_has_native_bf16
+    from trainer.engine.ds_config import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
         return Check("bf16", "ok", "the CPU has native bf16 (AVX512-BF16/AMX)")
-    return Check("bf16", "warn", "the CPU has no native bf16: bf16 matmuls are emulated (~100x slower than fp32)",
+    return Check("bf16", "warn", "the CPU has no native bf16: bf16 matmuls are emulated, far slower than fp32",
                  "on this machine use --ds-config auto (picks zero2_fp32) or ds_configs/zero2_fp32.json")
 
 
 def _optimizers(ds_config: str, device_type: str) -> tuple[list[Check], dict]:
     """Which optimizer code each shipped DeepSpeed config runs on this machine, and which of DeepSpeed's ops
     that needs built first; returns the checks and {op: [config names that need it]}."""
-    from trainer.ds_config import DS_CONFIG_DIR, load_ds_config, optimizer_implementation, resolve_ds_config_path
+    from trainer.engine.ds_config import DS_CONFIG_DIR, load_ds_config, optimizer_implementation, resolve_ds_config_path
 
     chosen_path = resolve_ds_config_path(ds_config)
     chosen = optimizer_implementation(load_ds_config(str(chosen_path)), device_type)
@@ -151,7 +151,7 @@ def _optimizers(ds_config: str, device_type: str) -> tuple[list[Check], dict]:
 def _ops(build: bool, needs: dict) -> list[Check]:
     """Each DeepSpeed op some config needs: built, buildable, or what breaks its build."""
     try:
-        from trainer import engine
+        from trainer.engine import build as engine
 
         status = engine.op_status([op for op in engine.OP_BUILDERS if op in needs], build=build)
     except Exception as e:
@@ -232,10 +232,11 @@ def checks(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-med
             + [_disk(out, model, keep_last), _launch_env()])
 
 
-def run(*, build_ops: bool = False, out: str = "runs", model: str = "gpt2-medium", keep_last: int = 3,
-        ds_config: str = "auto", json_output: bool = False) -> dict:
-    """`doctor`: run every check, print them (or one JSON line), exit 1 if any fails; returns the report."""
-    found = checks(build_ops=build_ops, out=out, model=model, keep_last=keep_last, ds_config=ds_config)
+def run(cfg, json_output: bool = False) -> dict:
+    """`doctor` (cfg: trainer.config.DoctorConfig): run every check, print them (or one JSON line), exit 1 if any
+    fails; returns the report."""
+    found = checks(build_ops=cfg.build_ops, out=cfg.out, model=cfg.model, keep_last=cfg.keep_last,
+                   ds_config=cfg.ds_config)
     result = {"ok": not any(c.status == "fail" for c in found),
               "fails": sum(c.status == "fail" for c in found), "warnings": sum(c.status == "warn" for c in found),
               "checks": [asdict(c) for c in found]}

@@ -3,12 +3,12 @@
 Requests are tokenized with the tokenizer the model was trained with and scored by the model itself,
 following what lm-eval's Hugging Face model (`lm_eval --model hf`) does, so both give the same numbers:
 - loglikelihood: context + continuation cut from the left to block_size + 1 tokens; the continuation's
-  log-probability (the loss module's cross-entropy on the logits, trainer.loss) and whether greedy
+  log-probability (the loss module's cross-entropy on the logits, models.loss) and whether greedy
   decoding would produce it. An empty context is the end-of-text token (TemplateLM does this).
 - loglikelihood_rolling: end-of-text + the text through eval-ppl's windows with context = stride =
-  block size (trainer.evaluate.sliding_windows): every token scored once, each window as long as the
+  block size (trainer.eval.evaluate.sliding_windows): every token scored once, each window as long as the
   model allows, the model's own loss.
-- generate_until: greedy (or sampled, with do_sample) decoding with the KV cache (trainer.generate),
+- generate_until: greedy (or sampled, with do_sample) decoding with the KV cache (trainer.eval.generate),
   the context cut from the left to block_size - max_gen_toks tokens (at least 1), stopping at
   end-of-text, at one of `until` (cut there) or after max_gen_toks tokens.
 
@@ -28,11 +28,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from models.loss import IGNORE_INDEX
+from models.loss import cross_entropy as lm_loss
 from trainer import dist
 from trainer.dist import all_reduce_sum
-from trainer.evaluate import sliding_windows
-from trainer.generate import next_tokens
-from trainer.loss import IGNORE_INDEX, lm_loss
+from trainer.eval.evaluate import sliding_windows
+from trainer.eval.generate import next_tokens
 
 
 class HarnessLM(TemplateLM):

@@ -15,7 +15,7 @@ import torch
 
 from trainer.errors import UserError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 # Keys the trainer computes; a JSON may omit them, say "auto", or repeat the same value.
 TRAINER_OWNED_TOP = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

@@ -1,4 +1,5 @@
-"""TrainState: where a run is. Saved in every checkpoint's client_state, restored on resume.
+"""TrainState: where a run is. Saved in every checkpoint's client state and restored on resume, as
+trainer/checkpoint/contents.py says.
 
 The data order is a pure function of (seed, dataset, seq_len, global batch, cursor), so `cursor`
 is all a resumed run needs to see exactly the batches an uninterrupted run would.
@@ -25,16 +26,3 @@ class TrainState:
             self.trained_tokens = (self.trained_tokens or 0) + trained
         self.skipped += int(skipped)
         self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
-
-    def client_state(self) -> dict:
-        """The keys this state is stored under in a checkpoint."""
-        counts = {} if self.trained_tokens is None else {"trained_tokens": self.trained_tokens}
-        return {"step": self.step, "cursor": self.cursor, "tokens": self.tokens, "skipped_total": self.skipped,
-                "rollbacks": self.rollbacks, **counts}
-
-    @classmethod
-    def from_client_state(cls, client: dict) -> "TrainState":
-        trained = client.get("trained_tokens")
-        return cls(step=int(client.get("step", 0)), cursor=int(client.get("cursor", 0)),
-                   tokens=int(client.get("tokens", 0)), skipped=int(client.get("skipped_total", 0)),
-                   trained_tokens=None if trained is None else int(trained))

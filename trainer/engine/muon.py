@@ -46,8 +46,11 @@ def batched_muon_updates(grads: list, momenta: list, beta: float, ns_method: str
 
 
 def _stacked_update(grad, momentum, beta: float, ns_method: str, ns_steps: int):
-    from deepspeed.runtime.zero.muon.original_muon import (_aspect_ratio_scale, zeropower_via_gram_newtonschulz,
-                                                           zeropower_via_newtonschulz5)
+    from deepspeed.runtime.zero.muon.original_muon import (
+        _aspect_ratio_scale,
+        zeropower_via_gram_newtonschulz,
+        zeropower_via_newtonschulz5,
+    )
 
     # A non-finite gradient leaves its momentum alone and passes through, so the overflow is still seen.
     finite = torch.isfinite(grad).flatten(1).all(dim=1).view(-1, *([1] * (grad.dim() - 1)))

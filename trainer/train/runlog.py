@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from trainer import dist
-from trainer.metrics import MetricsWriter, memory_gb
+from trainer.train.metrics import MetricsWriter, memory_gb
 
 
 class RunLog:

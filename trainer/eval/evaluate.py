@@ -38,10 +38,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import dist, hostmem
-from trainer.device import resolve_dtype, setup_device
+from models.loss import IGNORE_INDEX
+from trainer import dist
+from trainer.config import HellaSwagConfig, PplConfig
 from trainer.errors import UserError, describe
-from trainer.loss import IGNORE_INDEX
+from trainer.eval.device import resolve_dtype, setup_device
+from trainer.train import hostmem
 
 WIKITEXT_DEFAULT_CONFIG = "wikitext-103-raw-v1"
 
@@ -130,24 +132,6 @@ def perplexity(model, tokens, context: int, stride: int, batch_size: int = 8, de
 
 # ---- perplexity: data sources -------------------------------------------------------------------
 
-@dataclass
-class PplConfig:
-    model_path: str
-    data: Optional[str] = None
-    text_file: Optional[str] = None
-    hf_dataset: Optional[str] = None
-    hf_config: Optional[str] = None
-    split: str = "test"
-    text_column: str = "text"
-    context: Optional[int] = None
-    stride: Optional[int] = None
-    batch_size: int = 8
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    tokenizer: Optional[str] = None
-    max_tokens: Optional[int] = None
-    word_level: bool = False
-    progress: bool = True
 
 
 def load_text(cfg: PplConfig) -> str:
@@ -193,7 +177,7 @@ def text_of_tokens(tokenizer, tokens: np.ndarray) -> tuple[str, int]:
 
 def _with_source(cfg: PplConfig) -> PplConfig:
     """The config with exactly one text source; a run directory alone brings its own validation shards."""
-    from trainer import modelio
+    from trainer.eval import modelio
 
     sources = [s for s in (cfg.data, cfg.text_file, cfg.hf_dataset) if s]
     if len(sources) > 1:
@@ -215,10 +199,10 @@ def _with_source(cfg: PplConfig) -> PplConfig:
 
 def _text_to_score(cfg: PplConfig, spec: Optional[str]):
     """(tokenizer, tokens, text, UTF-8 bytes, prefix id or None) of the configured source."""
-    from trainer import modelio
+    from trainer.eval import modelio
 
     if cfg.data:
-        from trainer.data import Dataset
+        from trainer.data.shards import Dataset
 
         dataset = Dataset.open(cfg.data)
         if spec and dataset.tokenizer_spec != spec:
@@ -245,7 +229,7 @@ def _text_to_score(cfg: PplConfig, spec: Optional[str]):
 
 def run_ppl(cfg: PplConfig, json_output: bool = False) -> dict:
     """`eval-ppl`: load the model at --model-path, score the source, print (and return) the result."""
-    from trainer import modelio
+    from trainer.eval import modelio
 
     cfg = _with_source(cfg)
     device = setup_device(cfg.device)
@@ -384,18 +368,17 @@ def hellaswag(model, tokenizer, examples, device, progress: bool = False) -> dic
     return {"acc": float(counts[0]) / n, "acc_norm": float(counts[1]) / n, "n": n}
 
 
-def run_hellaswag(model_path: str, jsonl: str, limit: Optional[int] = None, dtype: Optional[str] = None,
-                  device: Optional[str] = None, tokenizer: Optional[str] = None, progress: bool = True,
-                  json_output: bool = False) -> dict:
-    from trainer import modelio
+def run_hellaswag(cfg: HellaSwagConfig, json_output: bool = False) -> dict:
+    """`eval-hellaswag`: load the model at --model-path, score the examples, print (and return) the result."""
+    from trainer.eval import modelio
 
-    examples = read_hellaswag(jsonl, limit)
-    dev = setup_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    model, spec, info = modelio.load_model(model_path, device=dev, dtype=torch_dtype, tokenizer=tokenizer)
-    tok = modelio.require_tokenizer(spec, model_path)
+    examples = read_hellaswag(cfg.jsonl, cfg.limit)
+    dev = setup_device(cfg.device)
+    torch_dtype = resolve_dtype(cfg.dtype, dev)
+    model, spec, info = modelio.load_model(cfg.model_path, device=dev, dtype=torch_dtype, tokenizer=cfg.tokenizer)
+    tok = modelio.require_tokenizer(spec, cfg.model_path)
     started = time.time()
-    result = hellaswag(model, tok, examples, dev, progress=progress and dist.is_main())
+    result = hellaswag(model, tok, examples, dev, progress=cfg.progress and dist.is_main())
     result.update(model=info["path"], dtype=str(torch_dtype).replace("torch.", ""),
                   seconds=round(time.time() - started, 3))
     if dist.is_main():

@@ -132,7 +132,7 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
 
 def iter_token_arrays(spec: str) -> Iterator[np.ndarray]:
     """Token arrays of an existing tokenized dataset, each validated as it is read."""
-    from trainer.data import read_shard
+    from trainer.data.shards import read_shard
 
     kind, _, pattern = spec.partition(":")
     for path in source_files(pattern):

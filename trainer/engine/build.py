@@ -1,5 +1,5 @@
 """DeepSpeed itself: the process group, the engine, the accelerator, and DeepSpeed's own op checks for
-`doctor`. The DeepSpeed JSON is merged in trainer/ds_config.py; deepspeed is imported here and in
+`doctor`. The DeepSpeed JSON is merged in trainer/engine/ds_config.py; deepspeed is imported here and in
 trainer/checkpoint/ only.
 """
 import atexit
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from trainer import dist
-from trainer.ds_config import optimizer_implementation, precision, uses_muon
+from trainer.engine.ds_config import optimizer_implementation, precision, uses_muon
 from trainer.errors import UserError, describe
 
 
@@ -148,13 +148,13 @@ def check_precision_supported(config: dict) -> None:
 
 
 def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
-    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/optim.py).
+    """Build the DeepSpeed engine. No LR scheduler: the trainer sets each step's rate itself (trainer/train/optim.py).
     With Muon, each group's `use_muon` says which optimizer updates its parameters."""
     deepspeed = import_deepspeed()
 
     check_precision_supported(ds_config)
     if uses_muon(ds_config):
-        from trainer import engine_muon
+        from trainer.engine import muon as engine_muon
 
         engine_muon.install()
     try:
@@ -181,7 +181,7 @@ def _muon_tags(deepspeed, param_groups):
     embeddings so would the head. Wrapping that one function is the only place between the two.
     """
     if any("use_muon" not in group for group in param_groups):
-        raise ValueError("a Muon config needs the parameter groups of trainer.optim.param_groups(..., muon=True)")
+        raise ValueError("a Muon config needs the parameter groups of trainer.train.optim.param_groups(..., muon=True)")
     tags = {id(p): group["use_muon"] for group in param_groups for p in group["params"]}
     if not tags:
         yield

@@ -134,9 +134,8 @@ class BytesTokenizer(Tokenizer):
     def save_hf(self, directory, model_max_length, chat_template=None):
         """A byte-level tokenizer.json: GPT-2's byte-to-character map with one token per byte (id = byte
         value) and no merges, plus <|endoftext|> as id 256."""
-        from tokenizers import AddedToken
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTok
-        from tokenizers import decoders, models, pre_tokenizers
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         char_of = bytes_to_unicode()

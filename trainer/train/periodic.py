@@ -1,6 +1,6 @@
 """Periodic HellaSwag during pretraining (`--hellaswag-every N --hellaswag-jsonl FILE`).
 
-Scoring is trainer.evaluate's HellaSwag (completion style, lowest ending loss wins), run through the
+Scoring is trainer.eval.evaluate's HellaSwag (completion style, lowest ending loss wins), run through the
 DeepSpeed engine so ZeRO-3's gathered parameters and the training precision are what gets scored;
 the examples are split across ranks (every rank runs the same number of forwards) and the counts
 all-reduced inside `evaluate.hellaswag`. The jsonl is read and validated when the run starts, so a
@@ -8,7 +8,7 @@ wrong path fails within seconds instead of hours into a run.
 """
 import torch
 
-from trainer.tokenizer import get_tokenizer
+from trainer.data.tokenizer import get_tokenizer
 
 
 class _EngineModel:
@@ -25,7 +25,7 @@ class _EngineModel:
 
 class PeriodicHellaSwag:
     def __init__(self, jsonl: str, every: int, tokenizer_spec: str):
-        from trainer import evaluate
+        from trainer.eval import evaluate
 
         self.examples = evaluate.read_hellaswag(jsonl)
         self.tokenizer = get_tokenizer(tokenizer_spec)
@@ -36,7 +36,7 @@ class PeriodicHellaSwag:
 
     def score(self, engine) -> dict:
         """{'acc', 'acc_norm', 'n'} of the engine's model; every rank must call this at the same steps."""
-        from trainer import evaluate
+        from trainer.eval import evaluate
 
         engine.eval()  # no dropout while scoring
         try:

@@ -4,10 +4,10 @@ precision are what gets scored), token-weighted over all ranks: the mean over ev
 (fine-tuning masks prompts and padding with IGNORE_INDEX; they count for nothing)."""
 import torch
 
+from models.loss import IGNORE_INDEX
 from trainer import dist
-from trainer.data import ValStream
-from trainer.loss import IGNORE_INDEX
-from trainer.prefetch import document_segments
+from trainer.data.prefetch import document_segments
+from trainer.data.shards import ValStream
 
 
 def validation_loss(engine, val: ValStream, n_batches: int, device, segments_of=None) -> float:

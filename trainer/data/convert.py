@@ -22,11 +22,11 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from trainer import sources
-from trainer.data import write_shard
+from trainer.data import sources
+from trainer.data.shards import write_shard
+from trainer.data.tokenizer import get_tokenizer
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_text
-from trainer.tokenizer import get_tokenizer
 
 STATE = ".convert_state.json"
 CHARS_PER_TASK = 2_000_000  # big tasks amortise process hand-off and tiktoken's per-call thread pool
@@ -255,7 +255,7 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
 def _hold_out_tail(writer: "_Writer", n: int) -> None:
     """Make the last `n` tokens of the train split the validation split (the val buffer is empty). Train
     shards already written are read back as far as the tail reaches into them."""
-    from trainer.data import read_shard
+    from trainer.data.shards import read_shard
 
     shards = writer.state["shards"]
     while writer.buffered("train") < n and any(s["split"] == "train" for s in shards):

@@ -1,0 +1,3 @@
+"""Evaluation and inference: perplexity and HellaSwag, lm-evaluation-harness, generation, loading
+any --model-path, and where inference runs.
+"""
