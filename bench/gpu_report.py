@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.helpers import step_records  # noqa: E402 (the repository goes on sys.path first)
+
 SHAPES = {  # model, its data's tokenizer, seq_len, micro_batch, steps of each loop run, the memory checks' seq_len
     "full": dict(model="gpt2", tokenizer="gpt2", seq_len=1024, micro_batch=16, steps=30, muon_model="gpt25-speedrun",
                  memory_seq=1024),
@@ -47,16 +49,6 @@ def run(cmd: list, timeout: int, log: Path) -> subprocess.CompletedProcess:
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
-
-
-def records(run_dir: Path) -> list[dict]:
-    """One training record per step (a resumed run appends; the last record of a step wins)."""
-    last = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            last[record["step"]] = record
-    return [last[s] for s in sorted(last)]
 
 
 class Report:
@@ -120,7 +112,7 @@ class Report:
              "--out", out, "--seq-len", s["seq_len"], "--micro-batch", s["micro_batch"], "--max-steps", s["steps"],
              "--eval-every", 0, "--save-every", 0, "--log-every", log_every, "--no-tracking", "--resume", "auto",
              *extra], 900, out.with_suffix(".log"))
-        return records(out)
+        return step_records(out)
 
     def tokens_per_s(self, out: Path, *extra, model=None) -> float:
         """Median training tokens/s of the run's logging windows after the first (warm-up, compilation)."""

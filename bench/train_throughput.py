@@ -86,7 +86,7 @@ def model_config(args):
     cfg = models.get_config(args.model, **args.overrides)
     if args.seq_len > cfg.block_size:
         cfg = models.get_config(args.model, **{**args.overrides, "block_size": args.seq_len})
-    if "padded_vocab_size" not in args.overrides:  # what trainer/train/loop.py does
+    if "padded_vocab_size" not in args.overrides:  # what trainer/train/pretrain.py does
         cfg.padded_vocab_size = models.padded_vocab_size(cfg.vocab_size)
     return cfg
 

@@ -100,6 +100,8 @@ class Layout:
         block: norm, attn  ln_1, attn         input_layernorm, self_attn
         block: norm, mlp   ln_2, mlp          post_attention_layernorm, mlp
         attention          c_attn (q,k,v), c_proj    q_proj, k_proj, v_proj, o_proj
+        learned positions  wpe, after wte     wpe, after the final norm (the parameter order DeepSpeed's
+                                              flat buffers, and so checkpoints, follow)
     """
     root: str
     embed: str
@@ -109,13 +111,13 @@ class Layout:
     attn: str
     mlp_norm: str
     fused_qkv: bool
-
+    positions_last: bool  # learned positions (an option on GPT-2.5) registered after the final norm
 
 GPT2_LAYOUT = Layout(root="transformer", embed="wte", blocks="h", final_norm="ln_f", attn_norm="ln_1", attn="attn",
-                     mlp_norm="ln_2", fused_qkv=True)
+                     mlp_norm="ln_2", fused_qkv=True, positions_last=False)
 LLAMA_LAYOUT = Layout(root="model", embed="embed_tokens", blocks="layers", final_norm="norm",
                       attn_norm="input_layernorm", attn="self_attn", mlp_norm="post_attention_layernorm",
-                      fused_qkv=False)
+                      fused_qkv=False, positions_last=True)
 
 
 def _llama_hidden(n_embd: int, multiple_of: int = 256) -> int:

@@ -85,10 +85,13 @@ class GPT(nn.Module):
         c, names = config, config.layout
         root = nn.Module()  # transformer.* (GPT2LMHeadModel) or model.* (LlamaForCausalLM)
         setattr(root, names.embed, nn.Embedding(c.padded_vocab_size, c.n_embd))
-        if c.pos_emb == "learned":  # GPT-2.5: RoPE instead
+        learned = c.pos_emb == "learned"  # GPT-2.5: RoPE instead
+        if learned and not names.positions_last:
             root.wpe = nn.Embedding(c.block_size, c.n_embd)
         setattr(root, names.blocks, nn.ModuleList(Block(c) for _ in range(c.n_layer)))
         setattr(root, names.final_norm, make_norm(c))
+        if learned and names.positions_last:
+            root.wpe = nn.Embedding(c.block_size, c.n_embd)
         setattr(self, names.root, root)
         self.drop = nn.Dropout(c.dropout)
         self.lm_head = LMHead(c.n_embd, c.padded_vocab_size, c.vocab_size, c.logit_softcap)

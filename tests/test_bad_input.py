@@ -249,3 +249,17 @@ def test_a_failure_inside_deepspeeds_initialisation_is_one_line_said_once(datase
     assert_one_line_error_proc(proc, "could not build its fused_adam op")
     error = next(line for line in proc.stderr.splitlines() if line.startswith("Error"))
     assert "no C++ compiler" in error and "build-essential" in error and '"torch_adam": true' in error
+
+
+def test_only_errors_every_rank_meets_alike_are_left_to_local_rank_0(monkeypatch):
+    """A set-up mistake (every rank meets it) is printed by local rank 0 only; an error that may be one rank's
+    alone (its GPU) is printed by whichever rank meets it, so a launch never fails without a word."""
+    import io
+
+    from trainer.errors import UserError
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for every_rank, printed in ((True, False), (False, True), (None, True)):
+        out = io.StringIO()
+        UserError("what went wrong", every_rank=every_rank).show(out)
+        assert ("what went wrong" in out.getvalue()) is printed, every_rank

@@ -175,6 +175,36 @@ def test_a_tail_that_reaches_into_written_train_shards_rewrites_them(tmp_path):
     assert "last" in meta["val_rule"]
 
 
+def test_a_conversion_interrupted_while_the_tail_is_cut_out_resumes_to_the_same_dataset(tmp_path, monkeypatch):
+    """The tail comes out of a shard already written: the state goes back before that shard first, so a Ctrl-C
+    after the shards are rewritten but before the state records them loses nothing; the resumed conversion
+    gives the same bytes."""
+    text = "\n\n".join(iter_documents("pydoc"))
+    (tmp_path / "three").mkdir()
+    third = len(text) // 3
+    for i, part in enumerate((text[:third], text[third:2 * third], text[2 * third:])):
+        (tmp_path / "three" / f"part{i}.txt").write_text(part)
+    source = str(tmp_path / "three" / "*.txt")
+    convert(source, "bytes", tmp_path / "ref", shard_tokens=100_000, progress=False)
+    import trainer.data.convert as conv
+
+    real = conv._write_json
+
+    def write_json(path, data):  # Ctrl-C right after the last shards are written, before the state says so
+        if path.name == conv.STATE and any(shard["split"] == "val" for shard in data["shards"]):
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(conv, "_write_json", write_json)
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, "bytes", tmp_path / "out", shard_tokens=100_000, progress=False)
+    monkeypatch.undo()
+    convert(source, "bytes", tmp_path / "out", shard_tokens=100_000, progress=False)
+    names = sorted(p.name for p in (tmp_path / "ref").glob("*.bin"))
+    assert names == sorted(p.name for p in (tmp_path / "out").glob("*.bin"))
+    assert all((tmp_path / "ref" / n).read_bytes() == (tmp_path / "out" / n).read_bytes() for n in names)
+
+
 def test_one_jsonl_record_is_split_the_same_way(tmp_path):
     stream = _one_book(tmp_path / "book.txt")
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": (tmp_path / "book.txt").read_text()}) + "\n")

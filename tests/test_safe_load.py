@@ -100,3 +100,19 @@ def test_every_file_of_the_trainers_own_checkpoints_passes_the_safe_loader(run):
     assert {f.name for f in files} >= {FILES["model"], FILES["optimizer"], "rank_0.pt"}
     for path in files:
         safe_load.load(path, map_location="cpu")
+
+
+def test_a_crafted_file_behind_a_symlinked_folder_is_found(run, tmp_path):
+    """DeepSpeed's universal loader reads step_N/universal/; a folder linked there from elsewhere is checked too."""
+    from trainer.checkpoint import safe_load
+    from trainer.errors import UserError
+
+    evil, marker = tmp_path / "evil", tmp_path / "PWNED"
+    shutil.copytree(run, evil)
+    elsewhere = tmp_path / "elsewhere" / "zero" / "transformer.wte.weight"
+    elsewhere.mkdir(parents=True)
+    torch.save({"param": RunsAShellCommand(f"touch {marker}")}, elsewhere / "fp32.pt")
+    (evil / "checkpoints" / "step_0000002" / "universal").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match="posix.system"):
+        safe_load.check_checkpoint(evil / "checkpoints" / "step_0000002")
+    assert not marker.exists()

@@ -92,7 +92,7 @@ class TrainConfig:
     deterministic: bool = option(False, "Bitwise repeatable steps on GPUs too (deterministic kernels, slower); an op "
                                  "without one is an error.")
     compile: Optional[bool] = option(None, "torch.compile the model (if it cannot compile, the run says so and trains "
-                                     "eagerly).", shown="on for CUDA GPUs, off on CPUs")
+                                     "eagerly).", shown="on for CUDA GPUs unless --deterministic, off on CPUs")
     max_skips: int = option(10, "Roll back after this many consecutive non-finite steps.")
     max_rollbacks: int = option(3, "Reload the last checkpoint and skip the bad data at most N times, then stop.",
                                 min=0)

@@ -4,6 +4,7 @@ Library code raises `UserError("what is wrong; how to fix it")`; Click prints it
 `Error: ...` line on stderr and exits with status 1, so users never see a traceback for bad input.
 """
 import os
+from typing import Optional
 
 import click
 
@@ -11,12 +12,14 @@ import click
 class UserError(click.ClickException):
     """A problem the user can fix (bad path, bad option, inconsistent data).
 
-    `every_rank=True` marks an error that every rank of a launch meets alike (a DeepSpeed set-up failure):
-    it is printed once per machine, by local rank 0, instead of once per rank; the others exit quietly
-    with the same status.
+    `every_rank=True` marks an error that every rank of a launch meets alike (bad options or data, an op
+    build that fails): it is printed once per machine, by local rank 0, instead of once per rank; the others
+    exit quietly with the same status. False marks one that may be this rank's alone (its GPU ran out of
+    memory): every rank that meets it prints it. None (the default) is undecided: printed by every rank,
+    and a run's set-up (trainer/train/loop.py) takes it as every rank's.
     """
 
-    def __init__(self, message: str, every_rank: bool = False):
+    def __init__(self, message: str, every_rank: Optional[bool] = None):
         super().__init__(message)
         self.every_rank = every_rank
 

@@ -121,7 +121,7 @@ class DSSetup:
 
 
 def model_config(preset: str, overrides: dict | None = None):
-    """The ModelConfig a run would build: padded vocabulary as trainer/train/loop.py pads it."""
+    """The ModelConfig a run would build: padded vocabulary as trainer/train/pretrain.py pads it."""
     import models
 
     overrides = dict(overrides or {})

@@ -12,6 +12,7 @@ only allowed objects under either unpickler.
 A file that needs anything else is refused in one line naming the file and the type, with nothing
 run. `--trust-checkpoints` (`trust()`) lifts the restriction for files from a source you trust.
 """
+import os
 import pickle
 import re
 from pathlib import Path
@@ -86,12 +87,21 @@ def _culprit(error: Exception) -> str:
 _checked = set()  # (path, size, mtime) of files that passed: a resume reads the same checkpoint twice
 
 
+def checkpoint_files(ckpt) -> list[Path]:
+    """Every .pt file under a checkpoint directory, through symlinked folders too (Path.rglob does not follow
+    them, and DeepSpeed's loaders would read what they point to)."""
+    found = []
+    for folder, _, names in os.walk(ckpt, followlinks=True):
+        found += [Path(folder) / name for name in names if name.endswith(".pt")]
+    return sorted(found)
+
+
 def check_checkpoint(ckpt) -> None:
     """Every .pt file in a checkpoint directory (its universal copy and RNG states included) through `load`,
     memory-mapped, before DeepSpeed's unrestricted loaders read them."""
     if _TRUSTED:
         return
-    for path in sorted(Path(ckpt).rglob("*.pt")):
+    for path in checkpoint_files(ckpt):
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if key in _checked:

@@ -114,7 +114,8 @@ class _Writer:
             index = sum(1 for s in self.state["shards"] if s["split"] == split)
             name = f"{split}_{index:06d}.bin"
             info = write_shard(self.out / name, np.concatenate(self.buffers[split]), vocab_size=self.vocab_size)
-            self.state["shards"].append({"name": name, "split": split, **info})
+            # `consumed`: the input read once this shard is written (a held-out tail may take the state back to it)
+            self.state["shards"].append({"name": name, "split": split, **info, "consumed": units_consumed})
             self.buffers[split], self.counts[split] = [], 0
         self.state["consumed"] = units_consumed
         _write_json(self.out / STATE, self.state)
@@ -243,8 +244,7 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
             raise _AllValidation(writer.buffered("val"))
         writer.move("val", "train")
         tail = val_tokens
-    if tail:
-        _hold_out_tail(writer, tail)
+    if tail and (tail := _hold_out_tail(writer, tail)):
         totals["val_rule"] = (f"the last {tail:,} tokens of the token stream: the source has too few documents "
                               "to hold out whole ones")
     writer.flush(n_docs, "train", "val")
@@ -252,19 +252,34 @@ def _convert_text(source, spec, tok, writer, shard_tokens, val_tokens, workers, 
     return totals
 
 
-def _hold_out_tail(writer: "_Writer", n: int) -> None:
+def _hold_out_tail(writer: "_Writer", n: int) -> int:
     """Make the last `n` tokens of the train split the validation split (the val buffer is empty). Train
-    shards already written are read back as far as the tail reaches into them."""
+    shards already written are read back as far as the tail reaches into them; the state then goes back
+    to before them, written first, so a conversion interrupted while those shards are rewritten reads
+    their documents again instead of trusting files cut short. Returns the tokens held out."""
     from trainer.data.shards import read_shard
 
     shards = writer.state["shards"]
-    while writer.buffered("train") < n and any(s["split"] == "train" for s in shards):
-        last = max(i for i, s in enumerate(shards) if s["split"] == "train")
-        writer.buffers["train"].insert(0, np.array(read_shard(writer.out / shards.pop(last)["name"])))
+    popped = False
+
+    def poppable() -> bool:  # a train shard whose removal leaves a state to go back to
+        return (bool(shards) and shards[-1]["split"] == "train" and "consumed" in shards[-1]
+                and (len(shards) == 1 or "consumed" in shards[-2]))
+
+    while writer.buffered("train") < n and poppable():
+        writer.buffers["train"].insert(0, np.array(read_shard(writer.out / shards.pop()["name"])))
         writer.counts["train"] += len(writer.buffers["train"][0])
+        popped = True
+    if popped:
+        writer.state["consumed"] = shards[-1]["consumed"] if shards else 0
+        _write_json(writer.out / STATE, writer.state)
+    n = min(n, writer.buffered("train"))  # (shards of an older conversion's state cannot be taken back)
+    if n == 0:
+        return 0
     stream = np.concatenate(writer.buffers["train"])
     writer.buffers["train"], writer.counts["train"] = [stream[:-n]], len(stream) - n
     writer.buffers["val"], writer.counts["val"] = [stream[-n:]], n
+    return n
 
 
 def _convert_tokens(source, tok, writer, shard_tokens, val_tokens, progress):

@@ -93,8 +93,9 @@ def init_distributed() -> None:
     try:
         deepspeed.init_distributed(verbose=False)
     except Exception as e:
-        raise UserError(f"DeepSpeed could not start torch.distributed ({describe(e)}); check the launcher's "
-                        "MASTER_ADDR / MASTER_PORT and that every rank can reach rank 0", every_rank=True) from e
+        raise UserError(f"rank {dist.rank()}: DeepSpeed could not start torch.distributed ({describe(e)}); check "
+                        "the launcher's MASTER_ADDR / MASTER_PORT and that every rank can reach rank 0",
+                        every_rank=False) from e
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
 
@@ -162,7 +163,7 @@ def initialize(model: torch.nn.Module, param_groups, ds_config: dict):
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
     except UserError:
         raise
-    except Exception as e:  # every rank fails alike here: one line, said once (UserError every_rank)
+    except Exception as e:  # one line, said once where every rank fails alike (initialize_error)
         raise initialize_error(e, ds_config) from e
     if uses_muon(ds_config):
         built = [bool(g.get("use_muon")) for g in engine.optimizer.param_groups]
@@ -207,8 +208,9 @@ def initialize_error(error: Exception, ds_config: dict) -> UserError:
     impl = optimizer_implementation(ds_config, device().type)
     what = f"DeepSpeed could not build the engine ({describe(error)})"
     status = op_status([impl.op])[impl.op] if impl.op else None
-    if status is None or status["state"] != "not built":  # not a failed op build
-        return UserError(f"{what}; `python -m trainer.cli doctor` checks this machine", every_rank=True)
+    if status is None or status["state"] != "not built":  # not a failed op build: maybe this rank's alone (its GPU)
+        return UserError(f"rank {dist.rank()}: {what}; `python -m trainer.cli doctor` checks this machine",
+                         every_rank=False)
     cause = "; ".join(f"{found}, fix: {fix}" for found, fix in status["problems"]) or "see the compiler output above"
     return UserError(f"DeepSpeed could not build its {impl.op} op, which {impl.label} needs ({describe(error)}): "
                      f"{cause}. Or run with nothing to build: a config with \"torch_adam\": true (every shipped "
@@ -264,7 +266,7 @@ OP_BUILDERS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
 
 def versions() -> dict:
     """DeepSpeed version and accelerator, without starting torch.distributed."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()

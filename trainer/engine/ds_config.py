@@ -157,7 +157,9 @@ def optimizer_implementation(config: dict, device_type: str) -> OptimizerImpl:
         if fused is None and foreach is None:
             fused, foreach = on_gpu, not on_gpu
         how = "fused" if fused else "foreach" if foreach else "for-loop"
-        return OptimizerImpl(f"{muon}torch.optim.AdamW ({how})", fused=bool(fused), foreach=bool(foreach),
+        # DeepSpeed builds torch's Adam only for type "Adam" with adam_w_mode false (decoupled decay otherwise)
+        name = "Adam" if kind == "adam" and not params.get("adam_w_mode", True) else "AdamW"
+        return OptimizerImpl(f"{muon}torch.optim.{name} ({how})", fused=bool(fused), foreach=bool(foreach),
                              muon_ns=muon_ns)
     op = "cpu_adam" if offloads_optimizer(config) else "fused_adam"
     return OptimizerImpl(f"{muon}{BUILT_OPS[op]}", op=op, muon_ns=muon_ns)

@@ -35,9 +35,9 @@ def batched_muon_updates(grads: list, momenta: list, beta: float, ns_method: str
     for i, grad in enumerate(grads):
         same_shape[(tuple(grad.shape), grad.dtype)].append(i)
     for members in same_shape.values():
-        update, momentum, blend = _stacked_update(torch.stack([grads[i] for i in members]),
-                                                  torch.stack([momenta[i] for i in members]), beta, ns_method,
-                                                  ns_steps)
+        grad = torch.stack([grads[i] for i in members])
+        update, momentum, blend = _stacked(grad.device)(grad, torch.stack([momenta[i] for i in members]), beta,
+                                                        ns_method, ns_steps)
         for k, i in enumerate(members):
             momenta[i].copy_(momentum[k])
             grads[i].copy_(blend[k])
@@ -61,7 +61,16 @@ def _stacked_update(grad, momentum, beta: float, ns_method: str, ns_steps: int):
     return torch.where(finite, update.to(grad.dtype), blend), momentum, blend
 
 
-_stacked_update = torch.compile(_stacked_update)
+_COMPILED = {}
+
+
+def _stacked(device: torch.device):
+    """`_stacked_update` compiled into one kernel sequence where inductor can work on `device`, else as it is."""
+    if device.type not in _COMPILED:
+        from trainer.engine.build import compile_blocker
+
+        _COMPILED[device.type] = _stacked_update if compile_blocker(device) else torch.compile(_stacked_update)
+    return _COMPILED[device.type]
 
 
 def _batchable(self, tensor_list) -> bool:

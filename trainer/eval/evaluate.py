@@ -133,7 +133,6 @@ def perplexity(model, tokens, context: int, stride: int, batch_size: int = 8, de
 # ---- perplexity: data sources -------------------------------------------------------------------
 
 
-
 def load_text(cfg: PplConfig) -> str:
     if cfg.text_file:
         path = Path(cfg.text_file)

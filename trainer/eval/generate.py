@@ -23,8 +23,6 @@ from trainer.config import GenerateConfig
 from trainer.errors import UserError
 
 
-
-
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     if temperature < 0:
         raise UserError(f"--temperature {temperature} must be >= 0 (0 = greedy)")

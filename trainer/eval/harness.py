@@ -23,8 +23,6 @@ from trainer.errors import UserError, describe
 INSTALL_HINT = 'pip install -e ".[eval]" (or pip install "lm-eval[hf]>=0.4.13,<0.5")'
 
 
-
-
 def require_lm_eval():
     try:
         import lm_eval

@@ -11,5 +11,5 @@
                  sample cursor like pretraining's windows, targets masked with IGNORE_INDEX
     data.py      SFTData: the data source `finetune` hands to pretrain's setup and loop
 
-The loop (trainer/train/loop.py) is pretraining's; only the data source and the model's shape differ.
+The loop (trainer/train/loop.py) is the one pretraining runs; only the data source and the model's shape differ.
 """

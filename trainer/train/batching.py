@@ -38,11 +38,7 @@ def plan_batches(cfg: TrainConfig, block_size: int, world_size: int) -> BatchPla
         raise UserError(f"--seq-len {seq_len} is longer than the model's block_size {block_size}; "
                         f"lower --seq-len or pass --set block_size={seq_len}")
     per_step = cfg.micro_batch * world_size
-    target = cfg.global_batch
-    if cfg.global_batch_tokens is not None:
-        if cfg.global_batch_tokens % seq_len:
-            raise UserError(f"--global-batch-tokens {cfg.global_batch_tokens} is not a multiple of --seq-len {seq_len}")
-        target = cfg.global_batch_tokens // seq_len
+    target = _global_batch_target(cfg, seq_len)
     if target is not None:
         if target % per_step:
             raise UserError(f"global batch of {target} sequences is not divisible by ranks x micro-batch = "
@@ -102,6 +98,9 @@ def choose_micro_batch(cfg: TrainConfig, model_cfg, ds_config: dict, world_size:
 
 
 def _global_batch_target(cfg: TrainConfig, seq_len: int) -> Optional[int]:
+    """Sequences per optimizer step the run fixes (--global-batch, or --global-batch-tokens), or None."""
     if cfg.global_batch_tokens is not None:
+        if cfg.global_batch_tokens % seq_len:
+            raise UserError(f"--global-batch-tokens {cfg.global_batch_tokens} is not a multiple of --seq-len {seq_len}")
         return cfg.global_batch_tokens // seq_len
     return cfg.global_batch

@@ -149,13 +149,14 @@ def setup(cfg: TrainConfig, task: Optional[Task] = None) -> Run:
     `task` says where data and model shape come from (pretraining shards by default; trainer/sft/finetune.py).
 
     Every rank sets up from the same options and files, so a mistake found here is found by all of them
-    alike: it is said once (UserError.every_rank), not once per rank."""
+    alike: it is said once (UserError.every_rank), not once per rank, unless it is marked as one rank's."""
     if task is None:
         from trainer.train.pretrain import PRETRAIN as task
     try:
         return _setup(cfg, task)
     except UserError as e:
-        e.every_rank = True
+        if e.every_rank is None:
+            e.every_rank = True
         raise
 
 
@@ -419,8 +420,11 @@ def run(cfg: TrainConfig, json_output: bool = False, task: Optional[Task] = None
     try:  # any error below (a failed save, a rollback that gives up) leaves the bar closed, so `Error:` starts a line
         r.engine.train()
         stop_reason = train(r)
-    except RuntimeError as e:
-        explained = determinism.explain(e)
+    except Exception as e:  # two failures of the kernels' own, as one line each
+        explained = determinism.explain(e) if isinstance(e, RuntimeError) else None
+        if explained is None and ds_engine.is_compile_error(e):  # a recompile (new shapes, evaluation) failed
+            explained = UserError(f"torch.compile failed ({ds_engine.describe_compile_error(e)}); rerun with "
+                                  "--no-compile (the run resumes from its last checkpoint)", every_rank=True)
         if explained is None:
             raise
         raise explained from e

@@ -118,20 +118,22 @@ def apply_hyperparameters(optimizer, names: list[str], *, betas: tuple, eps: flo
         group["weight_decay"] = weight_decay if name == DECAY else 0.0
         if adam_flags is not None:
             group.update(adam_flags)
-            _place_adam_steps(optimizer.state, group)
+    if adam_flags is not None:
+        _place_adam_steps(optimizer.state, adam_flags["fused"])
 
 
-def _place_adam_steps(state, group: dict) -> None:
+def _place_adam_steps(state, fused: bool) -> None:
     """torch's AdamW keeps each parameter's step count as a tensor: on the parameter's device for the fused
     kernel, a CPU scalar otherwise. A checkpoint made by the other implementation (or by DeepSpeed's
-    FusedAdam, which counts in a Python int) is moved to where this one reads it; the count is exact."""
+    FusedAdam, which counts in a Python int) is moved to where this one reads it; the count is exact. Every
+    entry of the optimizer's state with Adam's moments counts (ZeRO-3 empties its groups' parameter lists
+    between steps; Muon's entries hold a momentum and no step)."""
     import torch
 
-    for param in group["params"]:
-        entry = state.get(param) if hasattr(state, "get") else None
-        if not entry or "step" not in entry:
+    for entry in list(state.values()):
+        if not isinstance(entry, dict) or "step" not in entry or "exp_avg" not in entry:
             continue
-        device = param.device if group["fused"] else torch.device("cpu")
+        device = entry["exp_avg"].device if fused else torch.device("cpu")
         step = entry["step"]
         if not (torch.is_tensor(step) and step.device == device and step.dtype == torch.float32):
             entry["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
