@@ -1,6 +1,6 @@
 """Every GPU figure the project reports, in one command: a table, then one JSON line.
 
-    python bench/gpu_report.py                 # one GPU: GPT-2 124M at seq 1024 (a few minutes)
+    python bench/gpu_report.py                 # one GPU: GPT-2 124M at seq 1024
     python bench/gpu_report.py --smoke         # the same report at tiny size, on a CPU too (CI runs it)
     python bench/gpu_report.py --json          # ... the JSON line only on stdout's last line either way
 
@@ -10,6 +10,8 @@ timeout; a section that fails is reported as such and the others still run):
   doctor       its problem and warning counts, and the optimizer the default config runs
   bench        bench/train_throughput.py: ours against Hugging Face at the same shape, tokens/s and MFU
   loop         `trainer.cli pretrain` at that shape, compile off and on: tokens/s and its ratio to the bench
+  adam         the same loop with torch's AdamW (zero2_bf16: fused on a GPU) against DeepSpeed's FusedAdam
+               (zero2_fusedadam_bf16, built on first use): tokens/s and their ratio
   muon         gpt25-speedrun through pretrain: Muon (zero2_muon_bf16) against AdamW (zero2_bf16) tokens/s
   memory       bench/memory.py gpu: peak allocated against the estimate, GPT-2 Medium at micro-batch 8, at
                the largest micro-batch the estimate fits in 24 GB, and with activation checkpointing (GPU only)
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import step_records  # noqa: E402 (the repository goes on sys.path first)
 
 SHAPES = {  # model, its data's tokenizer, seq_len, micro_batch, steps of each loop run, the memory checks' seq_len
-    "full": dict(model="gpt2", tokenizer="gpt2", seq_len=1024, micro_batch=16, steps=30, muon_model="gpt25-speedrun",
+    "full": dict(model="gpt2", tokenizer="gpt2", seq_len=1024, micro_batch=16, steps=20, muon_model="gpt25-speedrun",
                  memory_seq=1024),
     "smoke": dict(model="tiny", tokenizer="bytes", seq_len=64, micro_batch=4, steps=8, muon_model="tiny",
                   memory_seq=64),
@@ -128,6 +130,14 @@ class Report:
         return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": compiled, "compile_speedup": compiled / eager,
                 "loop_over_bench": best / bench if bench else None}
 
+    def adam(self) -> dict:
+        torch_adam = self.tokens_per_s(self.work / "adam-torch", "--ds-config", "zero2_bf16", "--resume", "never",
+                                       "--no-compile")
+        fused_adam = self.tokens_per_s(self.work / "adam-deepspeed", "--ds-config", "zero2_fusedadam_bf16",
+                                       "--resume", "never", "--no-compile")
+        return {"torch_adamw_tokens_per_s": torch_adam, "deepspeed_fusedadam_tokens_per_s": fused_adam,
+                "torch_over_fusedadam": torch_adam / fused_adam}
+
     def muon(self) -> dict:
         model = self.shape["muon_model"]
         adamw = self.tokens_per_s(self.work / "adamw", "--ds-config", "zero2_bf16", "--resume", "never", model=model)
@@ -196,7 +206,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole report in a few minutes on a CPU")
     parser.add_argument("--work", default=str(REPO / "runs" / "gpu-report"), help="scratch directory for the runs")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
-    parser.add_argument("--sections", default="versions,doctor,bench,loop,muon,memory,exactness",
+    parser.add_argument("--sections", default="versions,doctor,bench,loop,adam,muon,memory,exactness",
                         help="comma-separated subset, in this order")
     args = parser.parse_args(argv)
     report = Report(args)

@@ -71,9 +71,10 @@ def test_the_gpu_report_runs_at_smoke_size_and_finds_cpu_steps_bitwise(tmp_path)
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for section in ("versions", "doctor", "bench", "loop", "muon", "memory", "exactness"):
+    for section in ("versions", "doctor", "bench", "loop", "adam", "muon", "memory", "exactness"):
         assert "error" not in report[section], (section, report[section])
     assert report["doctor"]["problems"] == 0 and "torch.optim.AdamW" in report["doctor"]["optimizer"]
     assert report["bench"]["ours"]["tokens_per_s"] > 0 and report["muon"]["muon_over_adamw"] > 0
+    assert report["adam"]["torch_over_fusedadam"] > 0  # DeepSpeed's FusedAdam, built for the CPU here
     for mode in ("deterministic", "default"):
         assert report["exactness"][mode]["two_runs_bitwise"] and report["exactness"][mode]["resumed_bitwise"], mode

@@ -111,7 +111,7 @@ def reference(data, tmp_path_factory):
 KILLS = [("step", 11), ("save", 23), ("step", 5), ("save", 7), ("step", 17)]  # (where, seed) pairs
 
 
-@pytest.mark.parametrize("where, seed", [pytest.param(*k, marks=[] if i == 0 else [pytest.mark.slow])
+@pytest.mark.parametrize("where, seed", [pytest.param(*k, marks=pytest.mark.extended if i == 0 else pytest.mark.slow)
                                          for i, k in enumerate(KILLS)], ids=[f"{w}-{s}" for w, s in KILLS])
 def test_kill9_process_group_then_resume_is_bitwise(data, reference, tmp_path, where, seed):
     rng = random.Random(seed)
