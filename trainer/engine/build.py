@@ -112,9 +112,9 @@ def _skip_shm_all_reduce() -> None:
 
 def _destroy_process_group_at_exit() -> None:
     """Exiting with the process group alive lets C++ destructors meet its communication threads still
-    running, which aborted finished 2-rank processes (exit -6, "terminate called without an active
-    exception") on a loaded machine. At exit, not at the end of a run: DeepSpeed keeps its groups for
-    a later run in the same process (tests run several)."""
+    running, which can abort a finished multi-rank process (exit -6, "terminate called without an active
+    exception"). At exit, not at the end of a run: DeepSpeed keeps its groups for a later run in the same
+    process (tests run several)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
