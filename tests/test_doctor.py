@@ -62,6 +62,16 @@ def test_doctor_says_which_optimizer_runs_and_that_it_builds_nothing(tmp_path):
     assert "used by zero2_offload_bf16" in checks["op cpu_adam"]["detail"]
 
 
+def test_a_shipped_config_given_by_its_relative_path_is_listed_once(tmp_path):
+    from trainer.engine.ds_config import DS_CONFIG_DIR
+
+    relative = os.path.relpath(DS_CONFIG_DIR / "zero2_offload_bf16.json")
+    result, report = _run("--json", "--out", str(tmp_path), "--model", "tiny", "--ds-config", relative)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert "DeepSpeed CPUAdam: zero2_offload_bf16" in checks["ds_configs"]["detail"].split("; ")
+    assert checks["op cpu_adam"]["detail"].count("zero2_offload_bf16") == 1
+
+
 def test_a_build_that_would_fail_is_a_problem_only_for_the_config_that_needs_it(tmp_path, monkeypatch):
     """No C++ compiler and nothing built yet: the default config (torch's AdamW) still passes; a config that
     needs DeepSpeed's FusedAdam fails, naming what is missing and the fix."""

@@ -133,11 +133,12 @@ def _optimizers(ds_config: str, device_type: str) -> tuple[list[Check], dict]:
     that needs built first; returns the checks and {op: [config names that need it]}."""
     from trainer.engine.ds_config import DS_CONFIG_DIR, load_ds_config, optimizer_implementation, resolve_ds_config_path
 
-    chosen_path = resolve_ds_config_path(ds_config)
-    chosen = optimizer_implementation(load_ds_config(str(chosen_path)), device_type)
+    chosen_path = resolve_ds_config_path(ds_config).resolve()  # as the glob spells the shipped ones
+    impls = {path: optimizer_implementation(load_ds_config(str(path)), device_type)
+             for path in sorted({p.resolve() for p in DS_CONFIG_DIR.glob("*.json")} | {chosen_path})}
+    chosen = impls[chosen_path]
     groups, needs = {}, {}
-    for path in sorted(set(DS_CONFIG_DIR.glob("*.json")) | {chosen_path}):
-        impl = optimizer_implementation(load_ds_config(str(path)), device_type)
+    for path, impl in impls.items():
         groups.setdefault(impl.label, []).append(path.stem)
         if impl.op:
             needs.setdefault(impl.op, []).append(path.stem)
