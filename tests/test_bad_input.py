@@ -251,6 +251,21 @@ def test_a_failure_inside_deepspeeds_initialisation_is_one_line_said_once(datase
     assert "no C++ compiler" in error and "build-essential" in error and '"torch_adam": true' in error
 
 
+def test_an_engine_failure_outside_the_op_build_is_not_blamed_on_the_op(tmp_path, monkeypatch):
+    """FusedAdam's op is not built here, but the error came from elsewhere (a GPU out of memory while the model
+    moves there): it is said as what it is, by the rank that met it, not as a failed build."""
+    from trainer.engine.build import initialize_error
+    from trainer.engine.ds_config import load_ds_config
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    try:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except RuntimeError as e:
+        error = initialize_error(e, load_ds_config("zero2_fusedadam_bf16"))
+    assert error.every_rank is False and "out of memory" in error.message
+    assert "could not build its" not in error.message and error.message.startswith("rank 0: ")
+
+
 def test_only_errors_every_rank_meets_alike_are_left_to_local_rank_0(monkeypatch):
     """A set-up mistake (every rank meets it) is printed by local rank 0 only; an error that may be one rank's
     alone (its GPU) is printed by whichever rank meets it, so a launch never fails without a word."""

@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -204,10 +205,13 @@ def _muon_tags(deepspeed, param_groups):
 
 def initialize_error(error: Exception, ds_config: dict) -> UserError:
     """A failure inside deepspeed.initialize as one line: what failed and how to fix it. Most often an op
-    DeepSpeed had to build for the optimizer (the configs with "torch_adam": true build none)."""
+    DeepSpeed had to build for the optimizer (the configs with "torch_adam": true build none): said as that
+    only where the error came out of DeepSpeed's op builder, since one rank's failure (its GPU out of
+    memory while the model moves there) can come first on a machine where the op is not built either."""
     impl = optimizer_implementation(ds_config, device().type)
     what = f"DeepSpeed could not build the engine ({describe(error)})"
-    status = op_status([impl.op])[impl.op] if impl.op else None
+    in_op_build = any("op_builder" in Path(frame.filename).parts for frame in traceback.extract_tb(error.__traceback__))
+    status = op_status([impl.op])[impl.op] if impl.op and in_op_build else None
     if status is None or status["state"] != "not built":  # not a failed op build: maybe this rank's alone (its GPU)
         return UserError(f"rank {dist.rank()}: {what}; `python -m trainer.cli doctor` checks this machine",
                          every_rank=False)
