@@ -144,13 +144,13 @@ def _run_ds_to_universal(ckpt: Path, out: Path) -> Optional[str]:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    tmp = ckpt / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     try:
         safe_load.check_checkpoint(ckpt)  # before ds_to_universal, which unpickles without restriction
     except UserError as e:
         return e.message
-    tmp = ckpt / (UNIVERSAL + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
     muon = saved_layout(ckpt)["optimizer"] == "muon"
     source = muon_universal.placeholder_copy(ckpt) if muon else ckpt
     args = Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
