@@ -198,18 +198,33 @@ def test_compile_trains_like_eager_and_its_run_resumes_exports_and_evaluates(dat
     assert math.isfinite(ppl["ppl"])
 
 
-COMPILE_FAILS = '''
+COMPILE_WITH = '''
 import sys
+import time
 from trainer.engine import build as ds_engine
 from trainer.cli import cli
 
-def backend(graph, inputs):
-    raise RuntimeError("this backend cannot compile")
+{backend}
 
 real = ds_engine.compile_model
-ds_engine.compile_model = lambda engine: real(engine, backend=backend)  # a compile failure, as a broken toolchain
+ds_engine.compile_model = lambda engine: real(engine, backend=backend)
 cli.main(["pretrain", *sys.argv[1:]])
 '''
+
+COMPILE_FAILS = COMPILE_WITH.format(backend='''
+def backend(graph, inputs):  # a compile failure, as a broken toolchain
+    raise RuntimeError("this backend cannot compile")
+''')
+
+COMPILE_TAKES_6_S = COMPILE_WITH.format(backend='''
+compiled = []
+
+def backend(graph, inputs):  # a slow compilation, as inductor's on a big model
+    if not compiled:
+        time.sleep(6)
+        compiled.append(graph)
+    return graph.forward
+''')
 
 
 def test_a_compile_failure_falls_back_to_eager_in_one_line(data, tmp_path):
@@ -227,6 +242,18 @@ def test_a_compile_failure_falls_back_to_eager_in_one_line(data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", *args, "--out", str(tmp_path / "nocxx"),
                            "--compile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "needs a C++ compiler" in proc.stdout and "training eagerly" in proc.stdout
+
+
+def test_the_compiling_step_does_not_shorten_a_max_time_budget(data, tmp_path):
+    """--max-time keeps room for the slowest step; the first step of a compiled run, which compiles, is not
+    taken as one: with a 10 s budget a 6 s compilation leaves time for the other steps."""
+    script = tmp_path / "slow.py"
+    script.write_text(COMPILE_TAKES_6_S)
+    proc = run_cli([*TINY, "--data", str(data), "--max-steps", "3", "--ds-config", "zero2_fp32", "--eval-every", "0",
+                    "--out", str(tmp_path / "run"), "--compile", "--max-time", "10s"], script=script)
+    assert "max-time reached" not in proc.stdout, proc.stdout
+    assert [e["step"] for e in events(tmp_path / "run") if e["event"] == "compile"] == [1]
+    assert len(losses(tmp_path / "run")) == 3
 
 
 @pytest.mark.slow

@@ -337,7 +337,9 @@ def train(run: Run) -> str:
                 continue  # no eval or save of the step just restored
         validate_if_due(run, last)
         hellaswag_if_due(run, last)
-        reason = run.stop.reason(state.step, time.perf_counter() - started, run.checkpointer.slowest_save)
+        # The compiling step is no measure of a step: --max-time keeps room for the slowest one of the others.
+        step_seconds = 0.0 if compiling else time.perf_counter() - started
+        reason = run.stop.reason(state.step, step_seconds, run.checkpointer.slowest_save)
         if reason or run.checkpointer.due(state.step, last):
             save(run)
         if reason and not last:
