@@ -23,21 +23,11 @@ DATA = REPO / "data" / "pydoc-paragraphs-bytes"
 
 
 def paragraph_corpus(out: Path = DATA) -> Path:
-    from trainer.data.convert import convert
+    from bench.sample_efficiency import byte_shards
     from trainer.data.sources import iter_documents
 
-    if (out / "meta.json").is_file():
-        return out
-    jsonl = out.parent / "pydoc-paragraphs.jsonl"
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with jsonl.open("w") as f:
-        for topic in iter_documents("pydoc"):
-            for paragraph in topic.split("\n\n"):
-                if len(paragraph.strip()) >= 40:
-                    f.write(json.dumps({"text": paragraph.strip()}) + "\n")
-    convert(str(jsonl), "bytes", out, progress=False)
-    jsonl.unlink()
-    return out
+    paragraphs = (paragraph.strip() for topic in iter_documents("pydoc") for paragraph in topic.split("\n\n"))
+    return byte_shards((p for p in paragraphs if len(p) >= 40), out)
 
 
 def train(data: Path, out: Path, masked: bool, args) -> None:
@@ -49,24 +39,18 @@ def train(data: Path, out: Path, masked: bool, args) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def score(run: Path, data: Path, seq_len: int, batches: int) -> dict:
-    """Mean validation loss (nats per byte) of the run's final model, masked and unmasked."""
+def score(run: Path, dataset, seq_len: int, batches: int) -> dict:
+    """Mean validation loss (nats per byte) of the run's final model, masked and unmasked, scored as training
+    scores it (trainer/train/validation.py)."""
     import torch
 
-    from trainer.data.shards import Dataset
     from trainer.eval.modelio import load_model
+    from trainer.train.validation import validation_loss
 
     model, _, _ = load_model(run)
-    dataset = Dataset.open(data)
-    val = dataset.val_stream(seq_len, 8)
-    totals = {"masked": [0.0, 0], "unmasked": [0.0, 0]}
-    with torch.no_grad():
-        for b in range(val.count(batches)):
-            x, y = val.batch(b)
-            for kind, segments in (("masked", dataset.segments(x)), ("unmasked", None)):
-                totals[kind][0] += model(x, y, reduction="sum", segments=segments).item()
-                totals[kind][1] += y.numel()
-    return {kind: total / count for kind, (total, count) in totals.items()}
+    val, cpu = dataset.val_stream(seq_len, 8), torch.device("cpu")
+    return {"masked": validation_loss(model, val, batches, cpu, dataset.segments),
+            "unmasked": validation_loss(model, val, batches, cpu)}
 
 
 def main() -> None:
@@ -80,15 +64,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-doc-masking"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    from trainer.data.shards import Dataset
+
     data = paragraph_corpus()
+    dataset = Dataset.open(data)
     results = {}
     for masked in (False, True):
         run = Path(args.out) / ("masked" if masked else "unmasked")
         train(data, run, masked, args)
-        results["--doc-masking" if masked else "off"] = score(run, data, args.seq_len, args.val_batches)
-    from trainer.data.shards import Dataset
-
-    dataset = Dataset.open(data)
+        results["--doc-masking" if masked else "off"] = score(run, dataset, args.seq_len, args.val_batches)
     print(f"{args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps, "
           f"{dataset.train_tokens:,} train tokens of short documents; val loss, nats per byte:")
     print(f"{'trained':<14} {'scored masked':>14} {'scored unmasked':>16}")

@@ -45,18 +45,27 @@ OPTIONS = ("qk_norm=true", "relu_squared=true", "tie_embeddings=false", "zero_in
 
 def stdlib_corpus(out: Path = DATA) -> Path:
     """The stdlib's .py sources as byte-level shards (once; later calls reuse them)."""
+    def sources():
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for path in sorted(f for f in root.rglob("*.py")
+                           if not {"site-packages", "test", "tests", "idle_test"} & set(f.relative_to(root).parts)):
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+    return byte_shards(sources(), out)
+
+
+def byte_shards(texts, out: Path) -> Path:
+    """`texts` (an iterable of documents) as byte-level shards in `out`, made once: a directory that holds
+    them already is returned as it is, and `texts` is not read."""
     from trainer.data.convert import convert
 
     if (out / "meta.json").is_file():
         return out
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(f for f in root.rglob("*.py")
-                   if not {"site-packages", "test", "tests", "idle_test"} & set(f.relative_to(root).parts))
-    jsonl = out.parent / "stdlib-sources.jsonl"
+    jsonl = out.parent / f"{out.name}.jsonl"
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     with jsonl.open("w") as f:
-        for path in files:
-            f.write(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace")}) + "\n")
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
     convert(str(jsonl), "bytes", out, workers=1, progress=False)
     jsonl.unlink()
     return out
