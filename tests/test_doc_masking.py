@@ -50,7 +50,7 @@ def test_a_window_without_a_boundary_equals_no_masking_bitwise(preset):
     with torch.no_grad():
         assert torch.equal(m(x, segments=segments(x)), m(x))
         assert torch.equal(m(x, targets, segments=segments(x)), m(x, targets))
-    assert document_segments(segments(x), slice(None), "cpu") is None  # the trainer then passes none at all
+    assert document_segments(segments(x), slice(None), "cpu") is None  # the trainer then passes segments=None
 
 
 def test_positions_restart_at_every_document():

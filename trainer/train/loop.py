@@ -31,6 +31,7 @@ from trainer.data.prefetch import Batches, document_segments
 from trainer.data.shards import Dataset, TrainStream, ValStream
 from trainer.engine import build as ds_engine
 from trainer.engine.ds_config import (
+    OptimizerImpl,
     build_ds_config,
     default_grad_clip,
     load_ds_config,
@@ -96,9 +97,7 @@ class Run:
     engine: object
     groups: list                  # parameter group names, in the optimizer's order
     muon: bool                    # DeepSpeed's Muon for the hidden matrices (train/optim.py), AdamW for the rest
-    optimizer: str                # the implementation that runs, e.g. "torch.optim.AdamW (fused)"
-    adam_flags: Optional[dict]    # torch AdamW's {"fused", "foreach"} (None: DeepSpeed's own Adam)
-    muon_ns: Optional[str]        # the Muon group's Newton-Schulz method where the trainer picks it
+    optimizer: OptimizerImpl      # the code that runs (engine/ds_config.py: optimizer_implementation)
     grad_norm_reported: bool      # False where DeepSpeed's norm is no gradient norm (muon_update_in_grad_norm)
     compile_pending: bool         # torch.compile is set up and compiles at the next step (trainer/engine/build.py)
     state: TrainState
@@ -131,8 +130,8 @@ class Run:
         c = self.cfg
         apply_hyperparameters(self.engine.optimizer, self.groups, betas=(c.beta1, c.beta2), eps=c.eps,
                               weight_decay=c.weight_decay, muon_momentum=c.muon_momentum,
-                              muon_weight_decay=c.muon_weight_decay, adam_flags=self.adam_flags,
-                              muon_ns=self.muon_ns)
+                              muon_weight_decay=c.muon_weight_decay, adam_flags=self.optimizer.adam_flags,
+                              muon_ns=self.optimizer.muon_ns)
 
     def client_state(self) -> dict:
         """What every checkpoint carries besides DeepSpeed's own state (trainer/checkpoint/contents.py)."""
@@ -184,7 +183,7 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
         world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
     muon = uses_muon(ds_config)
-    implementation = optimizer_implementation(ds_config, ds_engine.device().type)
+    optimizer = optimizer_implementation(ds_config, ds_engine.device().type)  # refuses a bad JSON before the build
     model = build_model(cfg, model_cfg)
 
     # The resume decision comes before the engine: another rank count / ZeRO setup loads a universal copy.
@@ -211,8 +210,7 @@ def _setup(cfg: TrainConfig, task: Task) -> Run:
               batches=Batches(stream, plan.global_batch, engine.device,
                               dataset.segments if cfg.doc_masking else None),
               val=dataset.val_stream(plan.seq_len, plan.micro_batch), total_steps=steps, engine=engine,
-              groups=group_names(groups), muon=muon, optimizer=implementation.label,
-              adam_flags=implementation.adam_flags, muon_ns=implementation.muon_ns,
+              groups=group_names(groups), muon=muon, optimizer=optimizer,
               grad_norm_reported=not muon_update_in_grad_norm(ds_config),
               compile_pending=compiled,
               state=state, checkpointer=checkpointer,
@@ -266,7 +264,7 @@ def start_log(run: Run) -> RunLog:
     dist.print0(f"{dist.world_size()} rank(s) x micro-batch {plan.micro_batch} x grad-accum {plan.grad_accum} = "
                 f"{plan.global_batch} sequences of {plan.seq_len} ({plan.tokens_per_step:,} tokens) per step | "
                 f"ZeRO-{run.engine.zero_optimization_stage()} {_precision(run.engine)} "
-                f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.optimizer} | {run.total_steps} steps | "
+                f"({resolve_ds_config_path(cfg.ds_config).name}) | {run.optimizer.label} | {run.total_steps} steps | "
                 f"MFU vs {peak_source}")
     if run.muon:
         dist.print0(f"optimizer: Muon on the blocks' matrices (peak lr {cfg.muon_lr:g}, momentum "
@@ -299,11 +297,11 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
         rows = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
         xb, yb = x[rows].to(run.device, non_blocking=True), y[rows].to(run.device, non_blocking=True)
         documents = document_segments(segments, rows, run.device)  # --doc-masking, where a window holds a boundary
-        documents = {} if documents is None else {"segments": documents}
         if scored is None:
-            loss = engine(xb, yb, **documents)
+            loss = engine(xb, yb, segments=documents)
         else:
-            loss = engine(xb, yb, reduction="sum", **documents) * (plan.grad_accum * plan.world_size / max(scored, 1))
+            loss = engine(xb, yb, reduction="sum", segments=documents) * (plan.grad_accum * plan.world_size
+                                                                          / max(scored, 1))
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
@@ -378,8 +376,7 @@ def validate_if_due(run: Run, last: bool) -> None:
     if not every or not (step % every == 0 or last):
         return
     with run.log.excluded() as timing:
-        run.last_val = validation_loss(run.engine, run.val, run.cfg.eval_batches, run.device,
-                                       run.dataset.segments if run.cfg.doc_masking else None)
+        run.last_val = validation_loss(run.engine, run.val, run.cfg.eval_batches, run.device, run.batches.segments_of)
     run.log.record({"step": step, "val_loss": run.last_val, "eval_seconds": timing["seconds"]})
     run.log.say(f"step {step}: val_loss {run.last_val:.4f}")
 

@@ -19,8 +19,7 @@ def validation_loss(engine, val: ValStream, n_batches: int, device, segments_of=
         for b in dist.rank_share(val.count(n_batches), dist.rank(), dist.world_size()):
             x, y = val.batch(b if b is not None else 0)
             segments = document_segments(segments_of(x), slice(None), device) if segments_of else None
-            documents = {"segments": segments} if segments is not None else {}
-            loss = engine(x.to(device), y.to(device), reduction="sum", **documents).double()
+            loss = engine(x.to(device), y.to(device), reduction="sum", segments=segments).double()
             if b is not None:  # a padding forward (see dist.rank_share) scores nothing
                 total[0] += loss
                 total[1] += (y != IGNORE_INDEX).sum()
