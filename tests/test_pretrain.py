@@ -71,6 +71,8 @@ def test_micro_batch_auto_is_the_largest_the_estimate_fits_that_keeps_the_global
     assert choose_micro_batch(TrainConfig(micro_batch="auto"), arch, load_ds_config("zero2_bf16"), 1, None)[0] == 8
     with pytest.raises(UserError, match="not even one sequence"):
         choose_micro_batch(TrainConfig(micro_batch="auto", seq_len=1024), arch, load_ds_config("zero0_bf16"), 1, 2.0)
+    with pytest.raises(UserError, match="pass --set block_size=2048"):  # what plan_batches says, said first
+        choose_micro_batch(TrainConfig(micro_batch="auto", seq_len=2048), arch, load_ds_config("zero2_bf16"), 1, 24.0)
 
 
 # ---- real runs ------------------------------------------------------------------------------------

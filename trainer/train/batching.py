@@ -33,10 +33,7 @@ class BatchPlan:
 
 
 def plan_batches(cfg: TrainConfig, block_size: int, world_size: int) -> BatchPlan:
-    seq_len = cfg.seq_len or block_size
-    if seq_len > block_size:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's block_size {block_size}; "
-                        f"lower --seq-len or pass --set block_size={seq_len}")
+    seq_len = _seq_len(cfg, block_size)
     per_step = cfg.micro_batch * world_size
     target = _global_batch_target(cfg, seq_len)
     if target is not None:
@@ -77,7 +74,7 @@ def choose_micro_batch(cfg: TrainConfig, model_cfg, ds_config: dict, world_size:
         return CPU_MICRO_BATCH, f"micro-batch auto: no GPU, {CPU_MICRO_BATCH}"
     from trainer import memory
 
-    seq_len = cfg.seq_len or model_cfg.block_size
+    seq_len = _seq_len(cfg, model_cfg.block_size)
     fit = memory.estimate(None, ds_config, model_cfg=model_cfg, gpus=world_size, micro_batch=1, seq_len=seq_len,
                           activation_checkpointing=cfg.activation_checkpointing,
                           gpu_memory_gb=gpu_memory_gb).max_micro_batch
@@ -95,6 +92,14 @@ def choose_micro_batch(cfg: TrainConfig, model_cfg, ds_config: dict, world_size:
     return micro, (f"micro-batch auto: {micro} (the memory estimate fits {fit} in {gpu_memory_gb:.0f} GB per GPU; "
                    f"{micro} divides the global batch of {target} over {world_size} rank(s), grad-accum "
                    f"{per_rank // micro})")
+
+
+def _seq_len(cfg: TrainConfig, block_size: int) -> int:
+    seq_len = cfg.seq_len or block_size
+    if seq_len > block_size:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's block_size {block_size}; "
+                        f"lower --seq-len or pass --set block_size={seq_len}")
+    return seq_len
 
 
 def _global_batch_target(cfg: TrainConfig, seq_len: int) -> Optional[int]:
